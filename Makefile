@@ -1,0 +1,27 @@
+# make run  : create .venv, install, train the embedded default (tiny model, toy task, LoRA)
+# make test : create .venv, install, run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch pinned here installs from the local wheel cache where one exists;
+# set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch==2.13.0" on a GPU machine).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/peftrun
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,215 @@
+"""`peftrun`: compose the config -> validate -> build -> train -> report.
+
+Bad input must end in one line naming the config key, exit code 2 and nothing written. Hydra
+reports composition errors itself (several lines, exit 1) and creates the run folder before our
+code runs, so the command line is composed and validated here first, through Hydra's compose
+API, and only then handed to Hydra's own entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _schemas  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from .errors import ConfigError, fail
+
+CONFIG_DIR = Path(os.environ.get("PEFTRUN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+GROUPS = ("model", "task", "method", "trainer")
+
+
+def _run_name(override_dirname: str) -> str:
+    return override_dirname or "default"
+
+
+if not OmegaConf.has_resolver("peftrun.run_name"):
+    # A run folder that is a function of the command line: re-running a command resumes it.
+    OmegaConf.register_new_resolver("peftrun.run_name", _run_name)
+
+
+# --------------------------------------------------------------------------- validation
+def validate(cfg: DictConfig) -> None:
+    """Every check that needs no weights: config values, files, targets on a meta-device model."""
+    from .methods import build_method
+    from .models import load_tokenizer, meta_model, validate_model_config
+    from .tasks import build_task
+
+    t = cfg.trainer
+    checks = [
+        (t.precision in ("fp32", "bf16", "fp16"), "trainer.precision", f"choose fp32, bf16 or fp16, got {t.precision!r}"),
+        (t.scheduler in ("linear", "cosine", "constant"), "trainer.scheduler", f"choose linear, cosine or constant, got {t.scheduler!r}"),
+        (t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}"),
+        (t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be positive, got {t.micro_batch_size}"),
+        (t.grad_accum > 0, "trainer.grad_accum", f"must be positive, got {t.grad_accum}"),
+        (t.eval_batch_size > 0, "trainer.eval_batch_size", f"must be positive, got {t.eval_batch_size}"),
+        (t.max_steps > 0 or t.epochs > 0, "trainer.epochs", "set trainer.max_steps or trainer.epochs above 0"),
+        (0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}"),
+        (len(t.adam_betas) == 2, "trainer.adam_betas", "give two values, e.g. [0.9,0.999]"),
+        (t.early_stopping_patience == 0 or t.eval_every > 0, "trainer.early_stopping_patience",
+         "early stopping needs dev evaluations: set trainer.eval_every"),
+        (cfg.task.max_length > 1, "task.max_length", f"must be at least 2, got {cfg.task.max_length}"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(key, message)
+    if t.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.precision", "fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    validate_model_config(cfg.model)
+    method = build_method(cfg.method)
+    method.check_config()
+    build_task(cfg.task).validate()
+    tokenizer = load_tokenizer(cfg.model)
+    method.check_model(meta_model(cfg.model, tokenizer))
+
+
+# --------------------------------------------------------------------------- composition errors
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def explain_composition_error(err: Exception) -> ConfigError:
+    """Turn Hydra/OmegaConf's multi-line composition errors into one ConfigError."""
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    full_text = text + "\n" + (str(cause) if cause else "")
+    missing = re.search(r"Could not find '([\w/]+)/([^']+)'", full_text)
+    if missing:
+        group, option = missing.group(1), missing.group(2)
+        return ConfigError(group, f"no option {option!r}; choose one of: {', '.join(_options(group))}")
+    key_match = re.search(r"full_key: ([\w.\[\]]+)", full_text)
+    key = key_match.group(1) if key_match else None
+    if re.search(r"Key '([^']+)' (?:is not in struct|not in ')", full_text):
+        name = re.search(r"Key '([^']+)'", full_text).group(1)
+        key = key or name
+        group = key.split(".")[0]
+        return ConfigError(key, f"unknown key; `peftrun {group}=... --cfg job` shows the keys of {group}")
+    converted = re.search(r"Value '([^']*)'.*could not be converted to (\w+)", full_text)
+    if converted:
+        return ConfigError(key or "config", f"{converted.group(1)!r} is not a valid {converted.group(2)}")
+    first = next((line for line in full_text.splitlines() if line.strip()), "invalid config")
+    return ConfigError(key or "command line", first.strip())
+
+
+def split_cli(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, is_multirun, wants_help) from a peftrun command line."""
+    takes_value = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                   "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+    overrides, multirun, wants_help = [], False, False
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"):
+            wants_help = True
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in takes_value:
+            skip = arg not in ("--info", "-i") or (i + 1 < len(argv) and "=" not in argv[i + 1])
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, multirun, wants_help
+
+
+def candidate_override_lists(overrides: list[str]) -> list[list[str]]:
+    """The command lines a sweep expands to, each sweep value tried once (not the product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base = []
+    sweeps: list[tuple[int, list[str]]] = []
+    for i, o in enumerate(parsed):
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+            sweeps.append((i, values))
+            base.append(f"{o.get_key_element()}={values[0]}")
+        else:
+            base.append(o.input_line)
+    lines = [base]
+    for i, values in sweeps:
+        for v in values[1:]:
+            line = list(base)
+            line[i] = f"{parsed[i].get_key_element()}={v}"
+            lines.append(line)
+    return lines
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate the command line before Hydra runs it; exit 2 on bad input."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides, multirun, wants_help = split_cli(argv)
+    if wants_help:
+        return
+    try:
+        lines = candidate_override_lists(overrides) if multirun else [overrides]
+    except Exception as e:  # a malformed override
+        fail(ConfigError("command line", " ".join(str(e).split())))
+    for line in lines:
+        own = [o for o in line if not o.lstrip("+~").startswith("hydra")]
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=own)
+        except Exception as e:
+            fail(explain_composition_error(e))
+        finally:
+            GlobalHydra.instance().clear()
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            fail(e)
+
+
+# --------------------------------------------------------------------------- the run
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def run(cfg: DictConfig) -> Any:
+    from .train.checkpoint import check_resumable
+    from .train.loop import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+        check_resumable(run_dir, cfg)
+    except ConfigError as e:
+        remove_if_empty(run_dir)
+        fail(e)
+    write_config(run_dir, cfg)
+    try:
+        summary = train(cfg, run_dir)
+    except ConfigError as e:  # found only once the data are read (e.g. a batch too large)
+        fail(e)
+    return summary.get(summary["primary_metric"])
+
+
+def remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def write_config(run_dir: Path, cfg: DictConfig) -> None:
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def main() -> None:
+    precheck(sys.argv[1:])
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Schemas of every config group, registered in Hydra's ConfigStore.
+
+Each option file in conf/<group>/ names its schema in its defaults list (for example
+`conf/method/lora.yaml` starts from `lora_schema`), so an unknown key or a value of the wrong
+type is refused while the config is composed, before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class BuildSpec:
+    """Architecture of a backbone built from a config (random init, fixed seed, no download)."""
+
+    arch: str = "llama"  # llama | gpt2
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2  # llama only; fewer than num_heads gives grouped-query attention
+    intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # A Hub id or a local folder for `from_pretrained`; leave null to build from `build`.
+    name_or_path: Optional[str] = None
+    build: Optional[BuildSpec] = None
+    # null: the offline character tokenizer for built models, `name_or_path` otherwise.
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: Optional[str] = "sdpa"  # eager | sdpa | flash_attention_2 | null
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    quantization: Optional[str] = None  # null | nf4 | int8 (bitsandbytes)
+    bnb_4bit_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "float32"
+
+
+# ---------------------------------------------------------------------------------------- task
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    # Longest tokenized prompt + target kept; longer prompts are cut from the left, examples
+    # whose target alone does not fit are dropped. Both are counted and reported.
+    max_length: int = 256
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_new_tokens: int = 16
+    # Also train on prompt tokens (the papers train on the answer only).
+    loss_on_prompt: bool = False
+
+
+@dataclass
+class ToyTaskConfig(TaskConfig):
+    """Offline synthetic task: an operation on a short list of digits, answered in digits."""
+
+    name: str = "toy"
+    ops: List[str] = field(default_factory=lambda: ["max", "min"])
+    list_length: int = 4
+    num_train: int = 2000
+    num_dev: int = 200
+    num_test: int = 200
+    seed: int = 1234
+    max_new_tokens: int = 4
+
+
+@dataclass
+class JsonlTaskConfig(TaskConfig):
+    """Local JSON-lines files: one object per line, rendered through templates."""
+
+    name: str = "jsonl"
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # Python format strings over each record's fields, e.g. "Question: {question}\nAnswer:".
+    prompt_template: str = "{prompt}"
+    target_template: str = "{target}"
+    metric: str = "exact_match"  # exact_match | contains
+
+
+# -------------------------------------------------------------------------------------- method
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # "all-linear" (every linear layer but the output head), a list of module-name suffixes
+    # (["q_proj", "v_proj"]), or a regular expression matched against full module names.
+    targets: Any = "all-linear"
+    init: str = "kaiming"  # kaiming | gaussian : A's init; B starts at zero
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+
+
+# ------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    # Training length: max_steps when > 0, otherwise epochs over the training set.
+    max_steps: int = -1
+    epochs: float = 1.0
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    eval_batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    scheduler: str = "linear"  # linear | cosine | constant (each after warm-up)
+    warmup_ratio: float = 0.06
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # Dev loss every N optimizer steps (0: only at the end); it drives early stopping and the
+    # best checkpoint.
+    eval_every: int = 0
+    # Generation-based metric every N steps (0: only at the end).
+    generate_every: int = 0
+    num_beams: int = 1
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 disables
+    load_best_at_end: bool = True
+    save_every: int = 0  # checkpoint every N steps; 0: only at the end
+    save_total_limit: int = 2
+    log_every: int = 10
+    progress: bool = True
+    # Expected number of processes; the run refuses to start under another world size.
+    num_processes: Optional[int] = None
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    task: Any = MISSING
+    method: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="peftrun_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="task", name="toy_schema", node=ToyTaskConfig)
+    cs.store(group="task", name="jsonl_schema", node=JsonlTaskConfig)
+    cs.store(group="method", name="lora_schema", node=LoraConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+
+
+register_configs()

@@ -1,0 +1,215 @@
+"""LoRA: h = W x + s * B A x with A (r x d_in) random, B (d_out x r) zero, s = alpha / r.
+
+Per-module tensors live in ParameterDicts keyed by adapter name, so several adapters can sit on
+one backbone (multi-tenant serving) without changing the module layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import ConfigError
+from .base import freeze, unique_parameters
+from .common import config_to_dict
+from .targets import find_targets, linear_features
+
+DEFAULT = "default"
+
+
+class LoraLinear(nn.Module):
+    """Wraps a frozen linear-like layer (nn.Linear, GPT-2 Conv1D, bitsandbytes 4/8-bit)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged: list[str] = []
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+        weight = self.base_layer.weight
+        device = weight.device if weight.device.type != "meta" else "meta"
+        A = torch.empty(r, self.in_features, device=device, dtype=torch.float32)
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        else:  # kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT initialize
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+        self.active_adapter = name
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A as an (out, in) matrix."""
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if name is None or name in self.merged:
+            return out
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x).to(A.dtype)
+        return out + (F.linear(F.linear(h, A), B) * self.scaling[name]).to(out.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if weight.__class__.__name__ in ("Params4bit", "Int8Params"):
+            raise RuntimeError(
+                "merge needs an unquantized backbone: load it with model.quantization=null"
+            )
+        return weight
+
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return
+        weight = self._base_weight()
+        delta = self.delta_weight(name)
+        if isinstance(self.base_layer, Conv1D):
+            delta = delta.T
+        weight.data += delta.to(weight.dtype)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        weight = self._base_weight()
+        delta = self.delta_weight(name)
+        if isinstance(self.base_layer, Conv1D):
+            delta = delta.T
+        weight.data -= delta.to(weight.dtype)
+        self.merged.remove(name)
+
+
+class LoraAdapter:
+    method = "lora"
+    supports_merge = True
+
+    def __init__(self, model: nn.Module, layers: dict[str, LoraLinear], cfg: Any, name: str):
+        self.model = model
+        self.layers = layers
+        self.cfg = cfg
+        self.name = name
+
+    # -- parameters and state
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        named = (
+            (f"{mod}.lora_{kind}", getattr(layer, f"lora_{kind}")[self.name])
+            for mod, layer in self.layers.items()
+            for kind in ("A", "B")
+        )
+        return unique_parameters(named)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {"lora_A": 0, "lora_B": 0}
+        for name, p in self.trainable_parameters():
+            counts["lora_" + name.rsplit("_", 1)[-1]] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.weight": p.detach().clone().contiguous()
+            for name, p in self.trainable_parameters()
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = dict(self.trainable_parameters())
+        expected = {f"{n}.weight" for n in own}
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:3]
+            unexpected = sorted(set(state) - expected)[:3]
+            raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for key, tensor in state.items():
+                param = own[key[: -len(".weight")]]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                param.copy_(tensor)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {**config_to_dict(self.cfg), "target_modules": sorted(self.layers)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def callbacks(self) -> list[Any]:
+        return []
+
+    def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
+        pass  # LoRA does not depend on which tokens are the prompt
+
+    # -- switching
+    @contextlib.contextmanager
+    def disabled(self):
+        saved = {mod: layer.active_adapter for mod, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.active_adapter = None
+        try:
+            yield
+        finally:
+            for mod, layer in self.layers.items():
+                layer.active_adapter = saved[mod]
+
+    def merge(self) -> None:
+        for layer in self.layers.values():
+            layer.merge(self.name)
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge(self.name)
+
+
+class LoraMethod:
+    name = "lora"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def check_config(self) -> None:
+        c = self.cfg
+        if c.r <= 0:
+            raise ConfigError("method.r", f"the rank must be a positive integer, got {c.r}")
+        if c.alpha <= 0:
+            raise ConfigError("method.alpha", f"must be positive, got {c.alpha}")
+        if not 0.0 <= c.dropout < 1.0:
+            raise ConfigError("method.dropout", f"must be in [0, 1), got {c.dropout}")
+        if c.init not in ("kaiming", "gaussian"):
+            raise ConfigError("method.init", f"choose kaiming or gaussian, got {c.init!r}")
+
+    def check_model(self, model: nn.Module) -> None:
+        find_targets(model, self.cfg.targets)
+
+    def scaling(self) -> float:
+        c = self.cfg
+        return c.alpha / math.sqrt(c.r) if c.use_rslora else c.alpha / c.r
+
+    def attach(self, model: nn.Module, adapter_name: str = DEFAULT) -> LoraAdapter:
+        self.check_config()
+        names = find_targets(model, self.cfg.targets)
+        freeze(model)
+        layers: dict[str, LoraLinear] = {}
+        for name in names:
+            module = model.get_submodule(name)
+            if not isinstance(module, LoraLinear):
+                parent_name, _, child = name.rpartition(".")
+                module = LoraLinear(module)
+                setattr(model.get_submodule(parent_name), child, module)
+            module.add_adapter(adapter_name, self.cfg.r, self.scaling(), self.cfg.dropout, self.cfg.init)
+            layers[name] = module
+        return LoraAdapter(model, layers, self.cfg, adapter_name)
