@@ -54,6 +54,8 @@ def validate(cfg: DictConfig) -> None:
         (len(t.adam_betas) == 2, "trainer.adam_betas", "give two values, e.g. [0.9,0.999]"),
         (t.early_stopping_patience == 0 or t.eval_every > 0, "trainer.early_stopping_patience",
          "early stopping needs dev evaluations: set trainer.eval_every"),
+        (t.generate_every == 0 or (t.eval_every > 0 and t.generate_every % t.eval_every == 0),
+         "trainer.generate_every", "generation runs at dev evaluations: make it a multiple of trainer.eval_every"),
         (cfg.task.max_length > 1, "task.max_length", f"must be at least 2, got {cfg.task.max_length}"),
     ]
     for ok, key, message in checks:
@@ -185,7 +187,8 @@ def run(cfg: DictConfig) -> Any:
     except ConfigError as e:
         remove_if_empty(run_dir)
         fail(e)
-    write_config(run_dir, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # every process shares one run folder
+        write_config(run_dir, cfg)
     try:
         summary = train(cfg, run_dir)
     except ConfigError as e:  # found only once the data are read (e.g. a batch too large)

@@ -130,7 +130,7 @@ class TrainerConfig:
     # Dev loss every N optimizer steps (0: only at the end); it drives early stopping and the
     # best checkpoint.
     eval_every: int = 0
-    # Generation-based metric every N steps (0: only at the end).
+    # Generation-based dev metric every N steps, a multiple of eval_every (0: test set at the end only).
     generate_every: int = 0
     num_beams: int = 1
     early_stopping_patience: int = 0  # evaluations without improvement; 0 disables

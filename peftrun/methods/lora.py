@@ -46,7 +46,7 @@ class LoraLinear(nn.Module):
         else:  # kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT initialize
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
         self.active_adapter = name
@@ -142,6 +142,30 @@ class LoraAdapter:
     def config_dict(self) -> dict[str, Any]:
         return {**config_to_dict(self.cfg), "target_modules": sorted(self.layers)}
 
+    def peft_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The adapter in Hugging Face PEFT's format (see peftrun.export): the LoraConfig fields,
+        and the tensors keyed `base_model.model.<module>.lora_{A,B}.weight` (A is r x in and B
+        out x r for Conv1D too; `fan_in_fan_out` only tells PEFT how the base weight is laid out)."""
+        c = self.cfg
+        tensors: dict[str, torch.Tensor] = {}
+        for mod, layer in self.layers.items():
+            for kind in ("A", "B"):
+                param = getattr(layer, f"lora_{kind}")[self.name]
+                tensors[f"base_model.model.{mod}.lora_{kind}.weight"] = param.detach().clone().contiguous()
+        alpha = float(c.alpha)
+        config = {
+            "peft_type": "LORA",
+            "r": int(c.r),
+            "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+            "lora_dropout": float(c.dropout),
+            "target_modules": sorted(self.layers),
+            "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in self.layers.values()),
+            "use_rslora": bool(c.use_rslora),
+            "bias": "none",
+            "init_lora_weights": "gaussian" if c.init == "gaussian" else True,
+        }
+        return config, tensors
+
     def extra_state(self) -> dict[str, Any]:
         return {}
 
@@ -157,6 +181,10 @@ class LoraAdapter:
     # -- switching
     @contextlib.contextmanager
     def disabled(self):
+        # A merged adapter lives in the base weights: take it out for the duration.
+        merged = [layer for layer in self.layers.values() if self.name in layer.merged]
+        for layer in merged:
+            layer.unmerge(self.name)
         saved = {mod: layer.active_adapter for mod, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.active_adapter = None
@@ -165,6 +193,8 @@ class LoraAdapter:
         finally:
             for mod, layer in self.layers.items():
                 layer.active_adapter = saved[mod]
+            for layer in merged:
+                layer.merge(self.name)
 
     def merge(self) -> None:
         for layer in self.layers.values():

@@ -105,7 +105,8 @@ class MetricsLog:
 
     def on_evaluate(self, state: TrainState) -> None:
         self.write({"event": "eval", "step": state.step, "dev_loss": state.dev_loss,
-                    "best_dev_loss": state.best_dev_loss, **state.metrics})
+                    "best_dev_loss": state.best_dev_loss,
+                    **{f"dev_{k}": v for k, v in state.metrics.items()}})
 
 
 class Progress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from contextlib import nullcontext
@@ -94,7 +95,9 @@ class DataOrder:
 def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     t = cfg.trainer
     # ------------------------------------------------------------------ set-up: processes
-    acc = Accelerator(mixed_precision=PRECISION[t.precision])
+    # Accelerate treats a multi-process launch as CPU-distributed (gloo) only when told to.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(mixed_precision=PRECISION[t.precision], cpu=cpu_processes)
     console = Console(quiet=not acc.is_main_process, highlight=False)
     world, rank = acc.num_processes, acc.process_index
     if t.num_processes is not None and t.num_processes != world:
@@ -232,8 +235,6 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
                 if t.generate_every > 0 and state.step % t.generate_every == 0:
                     state.metrics, _ = generation_metrics("dev")
                 fire(callbacks, "on_evaluate", state)
-            elif t.generate_every > 0 and state.step % t.generate_every == 0:
-                state.metrics, _ = generation_metrics("dev")
             fire(callbacks, "on_step_end", state)
     finally:
         fire([c for c in callbacks if isinstance(c, Progress)], "on_train_end", state)

@@ -1,0 +1,62 @@
+"""Shared fixtures: configs composed from the shipped conf/, tiny models, a toy batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def compose_config(*overrides: str):
+    """The config `peftrun <overrides>` would run with."""
+    import peftrun.cli  # noqa: F401  (schemas and resolvers)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def tiny_model(name: str = "tiny"):
+    from peftrun.models import build_model, load_tokenizer
+
+    cfg = compose_config(f"model={name}")
+    tokenizer = load_tokenizer(cfg.model)
+    return build_model(cfg.model, tokenizer), tokenizer
+
+
+def toy_batch(tokenizer, n: int = 8):
+    from peftrun.data import collate_train, tokenize_examples
+    from peftrun.tasks import build_task
+
+    cfg = compose_config()
+    examples = build_task(cfg.task).examples("train")[:n]
+    features, _ = tokenize_examples(examples, tokenizer, cfg.task.max_length)
+    return collate_train(features, tokenizer.pad_token_id)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`peftrun ARGS` in a subprocess (progress bar off)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "peftrun", *args],
+        cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,68 @@
+"""A run killed after k steps and started again in its folder ends with the same adapter, the
+same metrics and the same log as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose_config
+from peftrun.train.checkpoint import checkpoint_dirs
+from peftrun.train.loop import train
+
+OVERRIDES = (
+    "trainer.max_steps=30", "trainer.save_every=10", "trainer.eval_every=10",
+    "trainer.early_stopping_patience=5", "trainer.progress=false", "trainer.micro_batch_size=8",
+    "trainer.grad_accum=2", "method.dropout=0.1", "task.num_train=256", "task.num_dev=32",
+    "task.num_test=32",
+)
+
+
+class Kill:
+    """Stops the run at the end of a step, after that step's checkpoint (if any) was written."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_end(self, state):
+        if state.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    summary = train(compose_config(*OVERRIDES), run_dir)
+    return run_dir, summary
+
+
+@pytest.mark.parametrize("kill_at", [15, 20])
+def test_resume_matches_uninterrupted(uninterrupted, tmp_path, kill_at):
+    reference_dir, reference = uninterrupted
+    cfg = compose_config(*OVERRIDES)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, extra_callbacks=[Kill(kill_at)])
+    assert [p.name for p in checkpoint_dirs(tmp_path)][-1] == f"step-{kill_at // 10 * 10:08d}"
+
+    summary = train(cfg, tmp_path)
+
+    expected = load_file(str(reference_dir / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    for key in ("train_loss", "dev_loss", "test_exact_match", "steps"):
+        assert summary[key] == reference[key]
+    assert (tmp_path / "metrics.jsonl").read_text() == (reference_dir / "metrics.jsonl").read_text()
+
+
+def test_checkpoints_are_pruned_and_complete(uninterrupted):
+    run_dir, _ = uninterrupted
+    names = [p.name for p in checkpoint_dirs(run_dir)]
+    assert names == ["step-00000020", "step-00000030"]  # save_total_limit=2
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    for ckpt in checkpoint_dirs(run_dir):
+        assert {"adapter", "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.yaml", "rng-0.pt"} <= {
+            p.name for p in ckpt.iterdir()
+        }
