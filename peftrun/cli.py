@@ -189,9 +189,13 @@ def run(cfg: DictConfig) -> Any:
         fail(e)
     if int(os.environ.get("RANK", "0")) == 0:  # every process shares one run folder
         write_config(run_dir, cfg)
+    fresh = check_resumable(run_dir, cfg) is None
     try:
         summary = train(cfg, run_dir)
-    except ConfigError as e:  # found only once the data are read (e.g. a batch too large)
+    except ConfigError as e:  # found at set-up, before any weights (a batch too large, ...)
+        if fresh:
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+            remove_if_empty(run_dir)
         fail(e)
     return summary.get(summary["primary_metric"])
 

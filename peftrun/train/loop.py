@@ -107,6 +107,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
             f"launch {t.num_processes} or set trainer.num_processes={world}",
         )
     resume_from = check_resumable(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ set-up: data
     task = build_task(cfg.task)
