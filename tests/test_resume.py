@@ -66,3 +66,40 @@ def test_checkpoints_are_pruned_and_complete(uninterrupted):
         assert {"adapter", "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.yaml", "rng-0.pt"} <= {
             p.name for p in ckpt.iterdir()
         }
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_adapter(tmp_path):
+    """A real kill (SIGKILL, no chance to clean up) in the middle of a CLI run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_cli
+
+    args = [*OVERRIDES, "trainer.max_steps=150", "trainer.save_every=5", "trainer.eval_every=0",
+            "trainer.early_stopping_patience=0"]
+    reference = run_cli(*args, f"hydra.run.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "peftrun", *args, f"hydra.run.dir={killed_dir}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed_dir / "checkpoints" / "step-00000010").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "adapter").exists(), "killed before the end"
+
+    resumed = run_cli(*args, f"hydra.run.dir={killed_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume" in resumed.stdout
+    expected = load_file(str(tmp_path / "reference" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(killed_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not list((killed_dir / "checkpoints").glob(".tmp-*"))

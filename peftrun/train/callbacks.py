@@ -158,3 +158,4 @@ class Checkpointer:
         due = self.every > 0 and state.step % self.every == 0
         if due or state.step >= state.total_steps or state.should_stop:
             save_checkpoint(state.run.run_dir, state, state.run, keep=self.keep)
+            fire([c for c in state.run.callbacks if c is not self], "on_save", state)

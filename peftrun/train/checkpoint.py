@@ -43,6 +43,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def remove_partial(run_dir: Path) -> None:
+    """Remove what a killed run left half-written (never a complete checkpoint)."""
+    for leftover in (run_dir / CHECKPOINTS).glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +29,7 @@ from ..methods import ADAPTER_WEIGHTS, build_method, save_adapter
 from ..models import build_model, load_tokenizer
 from ..tasks import build_task
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, TrainState, fire
-from .checkpoint import check_resumable, load_checkpoint
+from .checkpoint import check_resumable, load_checkpoint, remove_partial
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -108,6 +108,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
         )
     resume_from = check_resumable(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        remove_partial(run_dir)
 
     # ------------------------------------------------------------------ set-up: data
     task = build_task(cfg.task)
@@ -184,8 +186,9 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
             batch_size=t.eval_batch_size, max_new_tokens=cfg.task.max_new_tokens,
             num_beams=t.num_beams, max_prompt_length=cfg.task.max_length,
         )
-        gathered = acc.gather_for_metrics([(rank + world * i, p) for i, p in enumerate(mine)], use_gather_object=True) if world > 1 else list(enumerate(mine))
-        predictions = [p for _, p in sorted(gathered)]
+        # Process r generated examples r, r + world, ...: gather and put them back in order.
+        numbered = [(rank + world * i, p) for i, p in enumerate(mine)]
+        predictions = [p for _, p in sorted(gather_object(numbered) if world > 1 else numbered)]
         metrics = task.score(predictions, exs)
         rows = [{"id": e.id, "prompt": e.prompt, "target": e.target, "prediction": p} for e, p in zip(exs, predictions)]
         return metrics, rows
