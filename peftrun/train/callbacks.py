@@ -77,23 +77,28 @@ class EarlyStopping:
 
 class MetricsLog:
     """Appends one JSON object per event to `metrics.jsonl`; on resume, drops the entries
-    written after the checkpoint so the log reads like an uninterrupted run."""
+    written after the checkpoint (and the final test entry) so the log reads like an
+    uninterrupted run."""
 
-    def __init__(self, path: Path, every: int):
+    def __init__(self, path: Path, every: int, enabled: bool = True):
         self.path = path
         self.every = max(every, 1)
+        self.enabled = enabled  # the main process writes; the others keep quiet
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def on_train_start(self, state: TrainState) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [
             line
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= state.step
+            and json.loads(line).get("event") != "test"  # written again at the end
         ]
         self.path.write_text("".join(line + "\n" for line in kept))
 

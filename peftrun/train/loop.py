@@ -146,12 +146,13 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     base_model = acc.unwrap_model(model)
 
     state = TrainState(total_steps=total_steps, steps_per_epoch=order.steps_per_epoch)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", t.log_every, enabled=acc.is_main_process)
     callbacks = [
         Progress(t.progress and acc.is_main_process),
         EarlyStopping(t.early_stopping_patience),
+        metrics_log,
         *adapter.callbacks(),
-        Checkpointer(t.save_every, t.save_total_limit),
-        *(acc.is_main_process and [MetricsLog(run_dir / "metrics.jsonl", t.log_every)] or []),
+        Checkpointer(t.save_every, t.save_total_limit),  # after all that changes a step's state
         *extra_callbacks,
     ]
     state.run = Run(cfg, run_dir, acc, model, adapter, optimizer, scheduler, tokenizer, callbacks)
@@ -277,8 +278,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     }
     if acc.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if MetricsLog in map(type, callbacks):
-            MetricsLog(run_dir / "metrics.jsonl", 1).write({"event": "test", "step": state.step, **state.metrics})
+        metrics_log.write({"event": "test", "step": state.step, **state.metrics})
         console.print(summary_table(summary))
     return summary
 
