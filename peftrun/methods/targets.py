@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
+from ..models import output_head_names
 
 ALL_LINEAR = "all-linear"
 
@@ -28,11 +29,6 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, m in model.named_modules() if head is not None and m is head}
 
 
 def find_targets(model: nn.Module, targets: Any, key: str = "method.targets") -> list[str]:
