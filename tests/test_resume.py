@@ -103,3 +103,40 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_adapter(tmp_path):
     got = load_file(str(killed_dir / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert not list((killed_dir / "checkpoints").glob(".tmp-*"))
+
+
+class Signal:
+    """Sends the process a signal in the middle of a step (as a scheduler would)."""
+
+    def __init__(self, at_step: int, signum: int):
+        self.at_step, self.signum = at_step, signum
+
+    def on_step_end(self, state):
+        if state.step == self.at_step:
+            import os
+
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_signal_checkpoints_exits_and_resumes(uninterrupted, tmp_path, signame):
+    import signal
+
+    reference_dir, reference = uninterrupted
+    cfg = compose_config(*OVERRIDES)
+    signum = getattr(signal, signame)
+    handler_before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as exit_info:
+        train(cfg, tmp_path, extra_callbacks=[Signal(13, signum)])
+    assert exit_info.value.code == 128 + signum
+    # The signal arrived during step 13: the run stopped after step 14 with a checkpoint there
+    # (periodic ones are every 10 steps), and wrote no final adapter.
+    assert [p.name for p in checkpoint_dirs(tmp_path)][-1] == "step-00000014"
+    assert not (tmp_path / "adapter").exists()
+    assert signal.getsignal(signum) == handler_before, "the previous handler is back"
+
+    summary = train(cfg, tmp_path)
+    expected = load_file(str(reference_dir / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert summary["test_exact_match"] == reference["test_exact_match"]

@@ -26,6 +26,7 @@ class TrainState:
     train_seconds: float = 0.0
     should_stop: bool = False
     is_best: bool = False  # the last evaluation improved on the best
+    preempted: bool = False  # a signal asked the run to stop here (not saved: a resume goes on)
     # Live objects (not saved): set by the loop for callbacks that need them.
     run: Any = field(default=None, repr=False, compare=False)
 
@@ -34,11 +35,11 @@ class TrainState:
         return self.step / max(self.steps_per_epoch, 1)
 
     def progress(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "run"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("run", "preempted")}
 
     def load_progress(self, saved: dict[str, Any]) -> None:
         for key, value in saved.items():
-            if hasattr(self, key) and key != "run":
+            if hasattr(self, key) and key not in ("run", "preempted"):
                 setattr(self, key, value)
 
 
@@ -161,6 +162,6 @@ class Checkpointer:
         from .checkpoint import save_checkpoint
 
         due = self.every > 0 and state.step % self.every == 0
-        if due or state.step >= state.total_steps or state.should_stop:
+        if due or state.step >= state.total_steps or state.should_stop or state.preempted:
             save_checkpoint(state.run.run_dir, state, state.run, keep=self.keep)
             fire([c for c in state.run.callbacks if c is not self], "on_save", state)

@@ -30,6 +30,7 @@ from ..models import build_model, load_tokenizer
 from ..tasks import build_task
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, TrainState, fire
 from .checkpoint import check_resumable, load_checkpoint, remove_partial
+from .preemption import catch_preemption
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -198,51 +199,62 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     model.train()
     fire(callbacks, "on_train_start", state)
     started = time.perf_counter() - state.train_seconds
-    try:
-        while state.step < total_steps and not state.should_stop:
-            indices = order.step_indices(state.step)
-            per_process = t.micro_batch_size * t.grad_accum
-            local = indices[rank * per_process : (rank + 1) * per_process]
-            micro_batches = [
-                collate_train([train_feats[i] for i in local[j : j + t.micro_batch_size]], tokenizer.pad_token_id)
-                for j in range(0, per_process, t.micro_batch_size)
-            ]
-            # Token-normalized accumulation: every labelled token of the global batch weighs
-            # the same, however tokens are spread over micro-batches and processes.
-            n_tokens = acc.reduce(torch.tensor(float(sum(map(label_tokens, micro_batches))), device=acc.device), "sum")
-            step_loss = torch.zeros((), device=acc.device)
-            step_tokens = 0
-            for j, batch in enumerate(micro_batches):
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                sync = j == len(micro_batches) - 1
-                with nullcontext() if sync else acc.no_sync(model):
-                    adapter.set_prompt_mask(batch["prompt_mask"])
-                    with acc.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss_sum = token_loss_sum(logits, batch["labels"])
-                    # DDP averages gradients over processes; scale back to a global token mean.
-                    acc.backward(loss_sum * world / n_tokens.clamp(min=1))
-                step_loss += loss_sum.detach()
-                step_tokens += int(batch["attention_mask"].sum())
-            if t.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            adapter.set_prompt_mask(None)
+    with catch_preemption() as (preempted, hand_on):
+        try:
+            while state.step < total_steps and not state.should_stop and not state.preempted:
+                indices = order.step_indices(state.step)
+                per_process = t.micro_batch_size * t.grad_accum
+                local = indices[rank * per_process : (rank + 1) * per_process]
+                micro_batches = [
+                    collate_train([train_feats[i] for i in local[j : j + t.micro_batch_size]], tokenizer.pad_token_id)
+                    for j in range(0, per_process, t.micro_batch_size)
+                ]
+                # Token-normalized accumulation: every labelled token of the global batch weighs
+                # the same, however tokens are spread over micro-batches and processes.
+                n_tokens = acc.reduce(torch.tensor(float(sum(map(label_tokens, micro_batches))), device=acc.device), "sum")
+                step_loss = torch.zeros((), device=acc.device)
+                step_tokens = 0
+                for j, batch in enumerate(micro_batches):
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    sync = j == len(micro_batches) - 1
+                    with nullcontext() if sync else acc.no_sync(model):
+                        adapter.set_prompt_mask(batch["prompt_mask"])
+                        with acc.autocast():
+                            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        loss_sum = token_loss_sum(logits, batch["labels"])
+                        # DDP averages gradients over processes; scale back to a global token mean.
+                        acc.backward(loss_sum * world / n_tokens.clamp(min=1))
+                    step_loss += loss_sum.detach()
+                    step_tokens += int(batch["attention_mask"].sum())
+                if t.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                adapter.set_prompt_mask(None)
 
-            state.step += 1
-            state.train_loss = float(acc.reduce(step_loss, "sum") / n_tokens.clamp(min=1))
-            state.tokens_seen += int(acc.reduce(torch.tensor(step_tokens, device=acc.device), "sum"))
-            state.train_seconds = time.perf_counter() - started
-            if t.eval_every > 0 and state.step % t.eval_every == 0:
-                state.dev_loss = dev_loss()
-                if t.generate_every > 0 and state.step % t.generate_every == 0:
-                    state.metrics, _ = generation_metrics("dev")
-                fire(callbacks, "on_evaluate", state)
-            fire(callbacks, "on_step_end", state)
-    finally:
-        fire([c for c in callbacks if isinstance(c, Progress)], "on_train_end", state)
+                state.step += 1
+                # One reduction for the step's loss, its tokens, and whether a signal reached any
+                # process (all then stop together, after this step's checkpoint).
+                totals = acc.reduce(torch.tensor([float(step_loss), step_tokens, preempted.signum],
+                                                 dtype=torch.float64, device=acc.device), "sum")
+                state.train_loss = float(totals[0]) / float(n_tokens.clamp(min=1))
+                state.tokens_seen += int(totals[1])
+                state.preempted = bool(totals[2] > 0)
+                state.train_seconds = time.perf_counter() - started
+                if t.eval_every > 0 and state.step % t.eval_every == 0:
+                    state.dev_loss = dev_loss()
+                    if t.generate_every > 0 and state.step % t.generate_every == 0:
+                        state.metrics, _ = generation_metrics("dev")
+                    fire(callbacks, "on_evaluate", state)
+                fire(callbacks, "on_step_end", state)
+        finally:
+            fire([c for c in callbacks if isinstance(c, Progress)], "on_train_end", state)
+
+        if state.preempted:
+            console.print(f"[bold]stopped[/] by a signal at step {state.step}; checkpoint saved in "
+                          f"{run_dir / 'checkpoints'}; run the same command again to resume")
+            hand_on()
 
     # ------------------------------------------------------------------ final evaluation and save
     state.dev_loss = dev_loss()
