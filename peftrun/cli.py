@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _schemas  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from .distributed import export_scheduler_env
 from .errors import ConfigError, fail
 
 CONFIG_DIR = Path(os.environ.get("PEFTRUN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -180,6 +181,7 @@ def run(cfg: DictConfig) -> Any:
     from .train.checkpoint import check_resumable
     from .train.loop import train
 
+    export_scheduler_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
