@@ -155,6 +155,8 @@ def precheck(argv: list[str]) -> None:
     overrides, multirun, wants_help = split_cli(argv)
     if wants_help:
         return
+    # --cfg / --info only print the config: check that it composes, not that it can run.
+    print_only = any(a in ("--cfg", "-c", "--info", "-i") for a in argv)
     try:
         lines = candidate_override_lists(overrides) if multirun else [overrides]
     except Exception as e:  # a malformed override
@@ -169,6 +171,8 @@ def precheck(argv: list[str]) -> None:
             fail(explain_composition_error(e))
         finally:
             GlobalHydra.instance().clear()
+        if print_only:
+            continue
         try:
             validate(cfg)
         except ConfigError as e:

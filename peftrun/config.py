@@ -89,6 +89,34 @@ class JsonlTaskConfig(TaskConfig):
     metric: str = "exact_match"  # exact_match | contains
 
 
+@dataclass
+class HubTaskConfig(TaskConfig):
+    """A dataset from the Hugging Face Hub (`hub_id`, `hub_config`), or local files in the same
+    schema (`data_files`), rendered through templates over the fields the task extracts."""
+
+    name: str = MISSING
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    revision: Optional[str] = None
+    # Local files instead of the Hub: one path (the train split) or {split_name: path(s)} with
+    # the source's split names, e.g. {train: train.jsonl, validation: dev.jsonl}.
+    # json/jsonl/csv/parquet by extension.
+    data_files: Any = None
+    train_split: str = "train"
+    dev_split: Optional[str] = "validation"  # null: a dev set is held out of train
+    test_split: Optional[str] = None  # used by split_recipe=original only; null: test = dev
+    # paper: the ALoRA/PARA/IAPT recipe (under 10k training examples the original dev set is
+    # halved into dev and test; otherwise 1k training examples become dev, the original dev is
+    # test); original: the source's own splits.
+    split_recipe: str = "paper"
+    seed: int = 42  # the split recipe's shuffle
+    # Python format strings over the task's fields (each task's yaml lists them).
+    prompt_template: str = MISSING
+    target_template: str = MISSING
+    source_lang: Optional[str] = None  # translation tasks
+    target_lang: Optional[str] = None
+
+
 # -------------------------------------------------------------------------------------- method
 @dataclass
 class MethodConfig:
@@ -106,6 +134,90 @@ class LoraConfig(MethodConfig):
     targets: Any = "all-linear"
     init: str = "kaiming"  # kaiming | gaussian : A's init; B starts at zero
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class TiedLoraConfig(MethodConfig):
+    """Tied-LoRA: h_i = W_i x + v_i * (B (u_i * (A x))), A and B shared by every layer.
+    `preset` fills every flag below that is left null; set a flag to reach any other pattern."""
+
+    name: str = "tied_lora"
+    preset: str = "tl6"  # lora (the paper's vBuA, untied) | tl5 | tl6 | vera
+    r: int = 8  # no alpha: the paper's alpha = r, so the update is unscaled
+    # "qkv": the attention's q|k|v output as one fused projection (q_proj/k_proj/v_proj or
+    # c_attn); other entries are module-name suffixes (o_proj, up_proj, c_fc...), each kind with
+    # its own tied A and B.
+    targets: List[str] = field(default_factory=lambda: ["qkv"])
+    dropout: float = 0.0  # on the adapter's input, once per layer and target
+    train_A: Optional[bool] = None  # A (r x d_in) trains
+    tie_A: Optional[bool] = None  # one A for every layer (false: one per layer)
+    init_A: Optional[str] = None  # kaiming | gaussian | zeros
+    train_B: Optional[bool] = None  # B (d_out x r) trains
+    tie_B: Optional[bool] = None  # one B for every layer
+    init_B: Optional[str] = None  # kaiming | gaussian | zeros
+    train_u: Optional[bool] = None  # the per-layer vector u (r) trains
+    init_u: Optional[float] = None  # u's initial value (a frozen u must be 1)
+    train_v: Optional[bool] = None  # the per-layer vector v (d_out) trains
+    init_v: Optional[float] = None  # v's initial value (a frozen v must be 1)
+
+
+@dataclass
+class ParaConfig(MethodConfig):
+    """PARA: per layer, a generator pools the layer's input hidden states over the prompt,
+    maps them through a bottleneck (down, activation, up) to vectors 1 + up(...) that scale,
+    element-wise, the outputs of the targeted projections. Up starts at zero: step 0 is the
+    backbone."""
+
+    name: str = "para"
+    bottleneck: int = 12  # the generator's hidden width (paper: about 12 on LLaMA-2 7B)
+    # Which projection outputs are scaled, by role: q | k | v | o | gate | up | down. Llama-style
+    # layers map them to q_proj ... down_proj; GPT-2 to slices of the fused c_attn (q, k, v),
+    # c_proj (o), c_fc (up) and mlp.c_proj (down).
+    targets: List[str] = field(default_factory=lambda: ["q", "v", "up"])
+    pooling: str = "self_attention"  # over prompt tokens: last | mean | max | self_attention
+    activation: str = "gelu"  # relu | gelu | silu | tanh | identity
+
+
+@dataclass
+class IaptConfig(MethodConfig):
+    """IAPT: per layer, a generator turns the instruction's hidden states into `n_soft` soft
+    tokens (down d -> bottleneck, self-attention pooling, rational activation, up -> d) that join
+    the layer's attention as extra key/value positions. A per-head gate (init 0) makes step 0
+    the backbone exactly."""
+
+    name: str = "iapt"
+    bottleneck: int = 320  # m, the generator's hidden width (the group's later runs: 320)
+    n_soft: int = 4  # soft tokens per layer (the paper: 4)
+    # Degrees [m, n] of the rational activation P_m(x) / (1 + |Q_n(x)|) (the paper: 6, 5);
+    # a fit of these degrees must ship in peftrun/methods/rational_init.json.
+    rational_degrees: List[int] = field(default_factory=lambda: [6, 5])
+    rational_init: str = "gelu"  # the activation it starts as: gelu | relu | silu
+    # Learning rate of the rational coefficients (the authors' group: 1e-6); null: trainer.lr.
+    # It decays with the same schedule as the rest.
+    rational_lr: Optional[float] = 1e-6
+
+
+@dataclass
+class AloraConfig(MethodConfig):
+    """ALoRA — Allocating LoRA (not PEFT's Activated LoRA): gated ranks, reallocated by AB-LoRA
+    importance on a fixed dev batch."""
+
+    name: str = "alora"
+    r_init: int = 8  # open ranks per module at the start
+    max_rank: int = 16  # rank slots per module (allocated once; the per-module limit)
+    alpha: float = 16.0  # scale alpha / r_init, fixed while ranks move
+    dropout: float = 0.0
+    targets: Any = "all-linear"
+    init: str = "kaiming"
+    # Schedule (Algorithm 1): warm-up K1, then N_A rounds every K2; steps override epochs when > 0.
+    warmup_epochs: float = 1.0
+    warmup_steps: int = 0
+    rounds: int = 8
+    interval_epochs: float = 0.25
+    interval_steps: int = 0
+    ranks_per_round: Optional[int] = None  # n_A; null: adapted module kinds per block
+    dev_batch_size: int = 32  # the fixed dev batch the importance is measured on
+    ablations_per_forward: int = 32  # gate configurations stacked into one forward when scoring
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -157,7 +269,12 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="task", name="toy_schema", node=ToyTaskConfig)
     cs.store(group="task", name="jsonl_schema", node=JsonlTaskConfig)
+    cs.store(group="task", name="hub_schema", node=HubTaskConfig)
     cs.store(group="method", name="lora_schema", node=LoraConfig)
+    cs.store(group="method", name="alora_schema", node=AloraConfig)
+    cs.store(group="method", name="para_schema", node=ParaConfig)
+    cs.store(group="method", name="tied_lora_schema", node=TiedLoraConfig)
+    cs.store(group="method", name="iapt_schema", node=IaptConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
 
 

@@ -69,10 +69,10 @@ def merge_into_backbone(adapter: Adapter, model: nn.Module) -> nn.Module:
     unload = getattr(adapter, "unload", None)
     if unload is not None:
         return unload(model)
+    if not adapter.supports_merge:  # before "yet": a non-linear method never will be
+        raise ValueError(f"method {adapter.method!r} does not support merging")
     if adapter.method != "lora":
         raise ValueError(f"method {adapter.method!r} cannot be merged into the backbone yet")
-    if not adapter.supports_merge:
-        raise ValueError(f"method {adapter.method!r} does not support merging")
     from .methods.lora import LoraLinear
 
     wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]

@@ -36,6 +36,14 @@ ARCHS = {
 # (method option, label, overrides) — `{r}` is filled from --ranks for rank-swept rows.
 ROWS: list[tuple[str, str, tuple[str, ...]]] = [
     ("lora", "lora r={r} all-linear", ("method.r={r}",)),
+    ("alora", "alora r_init={r} all-linear (open ranks; the slot pool is max_rank)", ("method.r_init={r}", "method.max_rank={r}")),
+    ("para", "para bottleneck 12 q,v,up (self-attention pooling)", ("method.bottleneck=12",)),
+    ("para", "para bottleneck 12 q,v,up (mean pooling)", ("method.bottleneck=12", "method.pooling=mean")),
+    ("tied_lora", "tied_lora lora r={r} qkv", ("method.preset=lora", "method.r={r}")),
+    ("tied_lora", "tied_lora tl5 r={r} qkv", ("method.preset=tl5", "method.r={r}")),
+    ("tied_lora", "tied_lora tl6 r={r} qkv", ("method.preset=tl6", "method.r={r}")),
+    ("tied_lora", "tied_lora vera r={r} qkv", ("method.preset=vera", "method.r={r}")),
+    ("iapt", "iapt bottleneck 320, 4 soft tokens", ("method.bottleneck=320", "method.n_soft=4")),
 ]
 DEFAULT_RANKS = (8,)
 

@@ -119,7 +119,7 @@ def test_export_refuses_a_method_without_peft_state(tmp_path):
 
     with pytest.raises(ValueError, match="'other' has no Hugging Face PEFT export"):
         export_peft(Other(), "x", tmp_path / "peft")
-    with pytest.raises(ValueError, match="'other' cannot be merged"):
+    with pytest.raises(ValueError, match="'other' does not support merging"):
         merge_into_backbone(Other(), torch.nn.Linear(2, 2))
     assert not (tmp_path / "peft").exists()
 

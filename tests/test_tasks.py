@@ -294,10 +294,11 @@ def test_jsonl_literal_braces(tmp_path):
 
 # ----------------------------------------------------------------------------------- registry
 def test_registry(tmp_path):
-    assert TASKS == {"toy": ToyTask, "jsonl": JsonlTask}
+    assert {"toy": ToyTask, "jsonl": JsonlTask}.items() <= TASKS.items()
+    assert all(cls.name == name for name, cls in TASKS.items())
     f = write_jsonl(tmp_path / "t.jsonl", QA)
     cfg = OmegaConf.structured(JsonlTaskConfig(train_file=str(f)))
     assert isinstance(build_task(cfg), JsonlTask)
-    expect_error(lambda: build_task(replace(ToyTaskConfig(), name="squad")),
-                 "task.name", "unknown task 'squad'", "toy, jsonl")
+    expect_error(lambda: build_task(replace(ToyTaskConfig(), name="nosuch")),
+                 "task.name", "unknown task 'nosuch'", "toy, jsonl, squad")
     expect_error(lambda: build_task(OmegaConf.structured(TaskConfig)), "task.name")

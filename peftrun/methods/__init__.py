@@ -11,13 +11,23 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import AloraConfig, IaptConfig, LoraConfig, ParaConfig, TiedLoraConfig
 from ..errors import ConfigError
+from .alora import AloraMethod
 from .base import Adapter, Method
-from ..config import LoraConfig
+from .iapt import IaptMethod
 from .lora import LoraMethod
+from .para import ParaMethod
+from .tied_lora import TiedLoraMethod
 
 # name -> (method class, config schema)
-METHODS: dict[str, tuple[type, type]] = {"lora": (LoraMethod, LoraConfig)}
+METHODS: dict[str, tuple[type, type]] = {
+    "lora": (LoraMethod, LoraConfig),
+    "tied_lora": (TiedLoraMethod, TiedLoraConfig),
+    "alora": (AloraMethod, AloraConfig),
+    "para": (ParaMethod, ParaConfig),
+    "iapt": (IaptMethod, IaptConfig),
+}
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

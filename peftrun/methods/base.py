@@ -48,6 +48,13 @@ class Adapter(Protocol):
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None: ...
 
+    # Optional (the loop checks with hasattr; methods without it train every tensor at the
+    # trainer's lr):
+    #     def param_groups(self, lr: float) -> list[dict[str, Any]]
+    # Optimizer parameter groups covering exactly trainable_parameters(), each {"params": [...],
+    # "lr": ...}; `lr` is trainer.lr. The schedule scales every group alike. IAPT uses it to
+    # train its rational-activation coefficients at their own learning rate.
+
 
 class Method(Protocol):
     name: str

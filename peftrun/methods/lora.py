@@ -33,6 +33,10 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        # Optional 0/1 gate per rank (ALoRA), never trained. A (K, r) `ablation_gate` makes the
+        # batch K stacked copies of one batch, copy k gated by row k: many ablations, one forward.
+        self.lora_gate = nn.ParameterDict()
+        self.ablation_gate: torch.Tensor | None = None
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: list[str] = []
@@ -51,9 +55,26 @@ class LoraLinear(nn.Module):
         self.scaling[name] = scaling
         self.active_adapter = name
 
+    def add_gate(self, name: str, live: int) -> None:
+        """Gate the adapter's ranks: the first `live` open, the others closed."""
+        gate = torch.zeros(self.lora_A[name].shape[0], device=self.lora_A[name].device)
+        gate[:live] = 1.0
+        self.lora_gate[name] = nn.Parameter(gate, requires_grad=False)
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B A as an (out, in) matrix."""
-        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
+        """s * B diag(gate) A as an (out, in) matrix."""
+        A = self.lora_A[name]
+        if name in self.lora_gate:
+            A = A * self.lora_gate[name][:, None]
+        return (self.lora_B[name] @ A) * self.scaling[name]
+
+    def _gated(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        if self.ablation_gate is not None:
+            k = self.ablation_gate.shape[0]
+            return (h.unflatten(0, (k, -1)) * self.ablation_gate.view(k, 1, *([1] * (h.dim() - 2)), -1)).flatten(0, 1)
+        if name in self.lora_gate:
+            return h * self.lora_gate[name]
+        return h
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -62,7 +83,7 @@ class LoraLinear(nn.Module):
             return out
         A, B = self.lora_A[name], self.lora_B[name]
         h = self.lora_dropout[name](x).to(A.dtype)
-        return out + (F.linear(F.linear(h, A), B) * self.scaling[name]).to(out.dtype)
+        return out + (F.linear(self._gated(F.linear(h, A), name), B) * self.scaling[name]).to(out.dtype)
 
     def _base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -229,8 +250,8 @@ class LoraMethod:
         c = self.cfg
         return c.alpha / math.sqrt(c.r) if c.use_rslora else c.alpha / c.r
 
-    def attach(self, model: nn.Module, adapter_name: str = DEFAULT) -> LoraAdapter:
-        self.check_config()
+    def inject(self, model: nn.Module, adapter_name: str, r: int) -> dict[str, LoraLinear]:
+        """Freeze the backbone and give every target module a rank-r adapter `adapter_name`."""
         names = find_targets(model, self.cfg.targets)
         freeze(model)
         layers: dict[str, LoraLinear] = {}
@@ -240,6 +261,10 @@ class LoraMethod:
                 parent_name, _, child = name.rpartition(".")
                 module = LoraLinear(module)
                 setattr(model.get_submodule(parent_name), child, module)
-            module.add_adapter(adapter_name, self.cfg.r, self.scaling(), self.cfg.dropout, self.cfg.init)
+            module.add_adapter(adapter_name, r, self.scaling(), self.cfg.dropout, self.cfg.init)
             layers[name] = module
-        return LoraAdapter(model, layers, self.cfg, adapter_name)
+        return layers
+
+    def attach(self, model: nn.Module, adapter_name: str = DEFAULT) -> LoraAdapter:
+        self.check_config()
+        return LoraAdapter(model, self.inject(model, adapter_name, self.cfg.r), self.cfg, adapter_name)

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from peftrun.errors import ConfigError
 from peftrun.tasks.base import Example, Task
+from peftrun.tasks.choice import CopaTask, HellaswagTask, SiqaTask
+from peftrun.tasks.e2e import E2eNlgTask
+from peftrun.tasks.glue import BoolqTask, QnliTask, RecordTask, RteTask, Sst2Task
+from peftrun.tasks.instruction import AlpacaTask
 from peftrun.tasks.jsonl import JsonlTask
+from peftrun.tasks.math import Gsm8kTask
+from peftrun.tasks.qa import SquadTask
+from peftrun.tasks.summarization import DialogsumTask
 from peftrun.tasks.toy import ToyTask
+from peftrun.tasks.translation import Iwslt2017Task
 
 TASKS = {"toy": ToyTask, "jsonl": JsonlTask}
+# The papers' datasets (Hub or local files in the same schema).
+TASKS.update({cls.name: cls for cls in (
+    SquadTask, Gsm8kTask, DialogsumTask, HellaswagTask, SiqaTask, CopaTask, Sst2Task, RteTask,
+    QnliTask, BoolqTask, RecordTask, Iwslt2017Task, E2eNlgTask, AlpacaTask)})
 
 
 def build_task(cfg) -> Task:

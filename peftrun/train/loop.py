@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from ..data import collate_train, tokenize_examples
+from ..data import collate_train
+from ..token_cache import tokenize_cached
 from ..errors import ConfigError
 from ..generate import generate
 from ..methods import ADAPTER_WEIGHTS, build_method, save_adapter
@@ -48,6 +49,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     tokenizer: Any
     callbacks: list
+    dev_features: list  # tokenized dev examples (methods that score on dev data use them)
+    log: Any  # log(record): one JSON object into metrics.jsonl (main process)
 
 
 def lr_lambda(total: int, warmup: int, kind: str):
@@ -116,10 +119,11 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     task = build_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
     examples = {split: task.examples(split) for split in ("train", "dev", "test")}
-    train_feats, report = tokenize_examples(
+    # Cached on disk by tokenizer, rendered text and options (peftrun/token_cache.py).
+    train_feats, report, _ = tokenize_cached(
         examples["train"], tokenizer, cfg.task.max_length, cfg.task.loss_on_prompt
     )
-    dev_feats, dev_report = tokenize_examples(
+    dev_feats, dev_report, _ = tokenize_cached(
         examples["dev"], tokenizer, cfg.task.max_length, cfg.task.loss_on_prompt
     )
     console.print(f"[bold]data[/] train: {report}; dev: {dev_report}; test: {len(examples['test'])} prompts")
@@ -134,13 +138,19 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * order.steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * total_steps)
 
+    method = build_method(cfg.method)
+    if hasattr(method, "check_run"):  # checks that need the run's length (ALoRA's schedule)
+        method.check_run(total_steps, order.steps_per_epoch)
+
     # ------------------------------------------------------------------ set-up: model, adapter, optimizer
     model = build_model(cfg.model, tokenizer, device=acc.device)
     set_seed(t.seed)  # after the backbone, which seeds its own init: the adapter's init is ours
-    adapter = build_method(cfg.method).attach(model)
+    adapter = method.attach(model)
     params = [p for _, p in adapter.trainable_parameters()]
+    # A method may ask for per-group learning rates (optional `param_groups`, see methods/base.py).
+    param_groups = adapter.param_groups(t.lr) if hasattr(adapter, "param_groups") else params
     optimizer = torch.optim.AdamW(
-        params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+        param_groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
     model, optimizer = acc.prepare(model, optimizer)
@@ -156,7 +166,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
         Checkpointer(t.save_every, t.save_total_limit),  # after all that changes a step's state
         *extra_callbacks,
     ]
-    state.run = Run(cfg, run_dir, acc, model, adapter, optimizer, scheduler, tokenizer, callbacks)
+    state.run = Run(cfg, run_dir, acc, model, adapter, optimizer, scheduler, tokenizer, callbacks,
+                    dev_feats, metrics_log.write)
     if resume_from is not None:
         load_checkpoint(resume_from, state, state.run, rank)
         console.print(f"[bold]resume[/] from {resume_from} (step {state.step} of {total_steps})")
@@ -192,7 +203,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
         numbered = [(rank + world * i, p) for i, p in enumerate(mine)]
         predictions = [p for _, p in sorted(gather_object(numbered) if world > 1 else numbered)]
         metrics = task.score(predictions, exs)
-        rows = [{"id": e.id, "prompt": e.prompt, "target": e.target, "prediction": p} for e, p in zip(exs, predictions)]
+        rows = [{"id": e.id, "prompt": e.prompt, "target": e.target, "references": e.references, "prediction": p} for e, p in zip(exs, predictions)]
         return metrics, rows
 
     # ------------------------------------------------------------------ steps

@@ -1,0 +1,182 @@
+"""ALoRA's allocation schedule (Algorithm 1), as a training callback: after a warm-up of K1 steps
+and then every K2 steps, for N_A rounds — score every open rank, close the n_A lowest, open as
+many new ranks in the modules that lost none."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+import torch
+
+from .alora import AloraAdapter, Rank, ablation_losses, reinit_slot
+
+
+def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, max_rank: int
+               ) -> tuple[list[Rank], dict[str, int]]:
+    """The paper's rule. Close the `n` lowest-scored ranks (globally); give as many new ranks to
+    the modules that lost none, evenly, the extras to those of higher mean importance, never
+    beyond `max_rank` slots; if no module can take them, the budget shrinks."""
+    pruned = sorted(scores, key=lambda r: (scores[r], r))[:n]
+    lost = {m for m, _ in pruned}
+    by_module: dict[str, list[float]] = defaultdict(list)
+    for (m, _), s in scores.items():
+        by_module[m].append(s)
+    mean = {m: sum(v) / len(v) for m, v in by_module.items()}
+    candidates = sorted((m for m in allocation if m not in lost),
+                        key=lambda m: (-mean.get(m, float("-inf")), m))
+    grow: dict[str, int] = {}
+    room = {m: max_rank - allocation[m] for m in candidates}
+    remaining = len(pruned)
+    while remaining and any(room[m] > 0 for m in candidates):
+        open_ = [m for m in candidates if room[m] > 0]
+        share, extra = divmod(remaining, len(open_))
+        for i, m in enumerate(open_):  # open_ is in order of mean importance: extras go first
+            give = min(room[m], share + (1 if i < extra else 0))
+            grow[m] = grow.get(m, 0) + give
+            room[m] -= give
+            remaining -= give
+    return pruned, {m: k for m, k in grow.items() if k}
+
+
+class AllocationSchedule:
+    def __init__(self, adapter: AloraAdapter):
+        self.adapter = adapter
+        self.cfg = adapter.cfg
+
+    def on_train_start(self, state) -> None:
+        from ..data import collate_train
+
+        run = state.run
+        self.steps = self.adapter.schedule_steps(state.steps_per_epoch)
+        dev = run.dev_features[: self.cfg.dev_batch_size]
+        batch = collate_train(dev, run.tokenizer.pad_token_id)
+        self.batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
+        fitting = [s for s in self.steps if s < state.total_steps]
+        if len(fitting) < len(self.steps) and run.accelerator.is_main_process:
+            print(f"alora: {len(self.steps) - len(fitting)} of {len(self.steps)} allocation rounds fall after "
+                  f"the last step ({state.total_steps}) and will not run")
+
+    def on_step_end(self, state) -> None:
+        done = self.adapter.rounds_done
+        if done < len(self.steps) and state.step == self.steps[done]:
+            self.allocate(state)
+
+    # ------------------------------------------------------------------ one round
+    def scores(self, state) -> dict[Rank, float]:
+        """AB-LoRA importance of every open rank; the ablations are split over the processes
+        and gathered, so every process holds the same scores and takes the same decisions."""
+        acc = state.run.accelerator
+        live = self.adapter.live_ranks()
+        configs = [("without", r) for r in live] + [("only", r) for r in live]
+        rank, world = acc.process_index, acc.num_processes
+        mine = ablation_losses(self.adapter, self.batch, configs[rank::world], self.cfg.ablations_per_forward)
+        numbered = [(rank + world * i, loss) for i, loss in enumerate(mine)]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            numbered = gather_object(numbered)
+        losses = [loss for _, loss in sorted(numbered)]
+        n = len(live)
+        return {r: losses[i] - losses[n + i] for i, r in enumerate(live)}
+
+    def allocate(self, state) -> None:
+        adapter, run = self.adapter, state.run
+        scores = self.scores(state)
+        before = adapter.allocation()
+        pruned, grow = reallocate(scores, before, adapter.n_per_round, self.cfg.max_rank)
+        optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+        with torch.no_grad():
+            for m, slot in pruned:
+                adapter.gate(m)[slot] = 0.0
+            generator = torch.Generator().manual_seed(run.cfg.trainer.seed * 1000 + adapter.rounds_done)
+            for m in sorted(grow):
+                layer = adapter.layers[m]
+                free = torch.nonzero(adapter.gate(m) == 0).flatten().tolist()
+                for slot in free[: grow[m]]:
+                    reinit_slot(layer, adapter.name, slot, generator)
+                    reset_moments(optimizer, layer.lora_A[adapter.name], slot, dim=0)
+                    reset_moments(optimizer, layer.lora_B[adapter.name], slot, dim=1)
+        adapter.rounds_done += 1
+        record = {
+            "event": "alora_round", "step": state.step, "round": adapter.rounds_done,
+            "pruned": [[m, s, scores[(m, s)]] for m, s in pruned], "grown": grow,
+            "allocation": adapter.allocation(), "open_ranks": sum(adapter.allocation().values()),
+            "live_parameters": adapter.live_parameter_count(),
+        }
+        adapter.history.append(record)
+        if run.accelerator.is_main_process:
+            run.log(record)
+            from rich.console import Console
+
+            Console().print(allocation_table(adapter, f"ALoRA round {adapter.rounds_done} (step {state.step})"))
+
+    def on_train_end(self, state) -> None:
+        run = state.run
+        if not run.accelerator.is_main_process:
+            return
+        (run.run_dir / "alora_allocation.json").write_text(
+            json.dumps({"final": self.adapter.allocation(), "history": self.adapter.history}, indent=2))
+        write_heatmap(self.adapter, run.run_dir / "alora_allocation.png")
+
+
+def reset_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, slot: int, dim: int) -> None:
+    """A re-initialized slot starts with fresh Adam moments."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key].select(dim, slot).zero_()
+
+
+def layer_grid(adapter: AloraAdapter) -> tuple[list[int], list[str], dict[tuple[int, str], int]]:
+    """(layer indices, module kinds, open ranks per (layer, kind))."""
+    grid = {}
+    for m, count in adapter.allocation().items():
+        match = re.search(r"\.(\d+)\.", m)
+        grid[(int(match.group(1)) if match else -1, m.rsplit(".", 1)[-1])] = count
+    layers = sorted({i for i, _ in grid})
+    kinds = sorted({k for _, k in grid}, key=lambda k: list(dict.fromkeys(x.rsplit(".", 1)[-1] for x in adapter.layers)).index(k))
+    return layers, kinds, grid
+
+
+def allocation_table(adapter: AloraAdapter, title: str):
+    from rich.table import Table
+
+    layers, kinds, grid = layer_grid(adapter)
+    table = Table(title=title)
+    table.add_column("layer", justify="right")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    for i in layers:
+        table.add_row(str(i), *[str(grid.get((i, k), "")) for k in kinds])
+    return table
+
+
+def write_heatmap(adapter: AloraAdapter, path) -> None:
+    """Final open ranks, layers x module kinds, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, kinds, grid = layer_grid(adapter)
+    values = [[grid.get((i, k), 0) for k in kinds] for i in layers]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.35 * len(layers)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=adapter.cfg.max_rank)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    for y, row in enumerate(values):
+        for x, v in enumerate(row):
+            ax.text(x, y, str(v), ha="center", va="center", color="white" if v < adapter.cfg.max_rank / 2 else "black")
+    fig.colorbar(image, ax=ax, label="open ranks")
+    ax.set_title(f"ALoRA allocation (r_init {adapter.cfg.r_init})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["AllocationSchedule", "reallocate", "allocation_table", "write_heatmap"]

@@ -1,0 +1,45 @@
+"""Run under `torchrun --nproc_per_node 2` by the multi-process tests: trains a method through the
+real loop, then each process writes the adapter tensors it holds (rank<k>.safetensors) and its
+initial ones (init<k>.safetensors), so a test can compare processes.
+
+    torchrun --nproc_per_node 2 tests/ddp_run.py METHOD RUN_DIR [override ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from conftest import compose_config  # this script's folder (tests/) is first on sys.path
+from peftrun.train.loop import train
+
+
+class DumpAdapter:
+    def __init__(self, run_dir: Path, rank: int):
+        self.run_dir, self.rank = run_dir, rank
+
+    def dump(self, state, prefix: str) -> None:
+        adapter = state.run.adapter
+        blocks = list(getattr(adapter, "blocks", {}).values())
+        # DDP must not untie Tied-LoRA's tensors: every layer still reads the one A and B.
+        assert all(b.A is blocks[0].A and b.B is blocks[0].B for b in blocks), "tied tensors were untied"
+        save_file(adapter.state_dict(), str(self.run_dir / f"{prefix}{self.rank}.safetensors"))
+
+    def on_train_start(self, state) -> None:
+        self.dump(state, "init")
+
+    def on_train_end(self, state) -> None:
+        self.dump(state, "rank")
+
+
+def main() -> None:
+    method, run_dir = sys.argv[1], Path(sys.argv[2])
+    cfg = compose_config(f"method={method}", "trainer.num_processes=2", *sys.argv[3:])
+    train(cfg, run_dir, extra_callbacks=[DumpAdapter(run_dir, int(os.environ["RANK"]))])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""IAPT specifics: soft tokens as extra attention positions, prompt-only pooling, the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_config, run_cli, tiny_model, toy_batch
+from peftrun.data import collate_train, encode_prompts
+from peftrun.errors import ConfigError
+from peftrun.methods import build_method
+from peftrun.methods.iapt import attention_modules
+
+PROMPTS = ["max of 3 1 4 1:", "min of 9 2 6 5 3 8:", "max 7:"]  # different lengths: padding
+
+
+def attach(model_name: str = "tiny", *overrides: str, gate: float = 1.0, attention: str = "sdpa"):
+    """An IAPT adapter moved off its init, with gates open (joint softmax, as P-tuning v2)."""
+    cfg = compose_config("method=iapt", "method.bottleneck=16", f"model={model_name}", *overrides)
+    model, tokenizer = tiny_model(model_name)
+    model.config._attn_implementation = attention
+    torch.manual_seed(0)
+    adapter = build_method(cfg.method).attach(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapter.trainable_parameters():
+            if name.endswith(".gate"):
+                p.fill_(gate)
+            else:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model, tokenizer, adapter
+
+
+def greedy(model, tokenizer, adapter, prompts, **kwargs) -> torch.Tensor:
+    batch = encode_prompts(prompts, tokenizer, 64)  # left-padded
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    adapter.set_prompt_mask(None)
+    return out
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_gpt2"])
+def test_greedy_with_cache_equals_without_cache(model_name):
+    model, tokenizer, adapter = attach(model_name)
+    with torch.no_grad():
+        cached = greedy(model, tokenizer, adapter, PROMPTS, use_cache=True)
+        uncached = greedy(model, tokenizer, adapter, PROMPTS, use_cache=False)
+        batch = encode_prompts(PROMPTS, tokenizer, 64)
+        adapter.set_prompt_mask(batch["prompt_mask"])
+        adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with adapter.disabled():
+            backbone = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(cached, uncached)
+    real = batch["attention_mask"].bool()
+    assert not torch.allclose(adapted[real], backbone[real], atol=1e-3), "the soft tokens must matter"
+
+
+def test_beam_search_expands_the_prompt_mask():
+    model, tokenizer, adapter = attach("tiny")
+    with torch.no_grad():
+        cached = greedy(model, tokenizer, adapter, PROMPTS, num_beams=3, use_cache=True)
+        uncached = greedy(model, tokenizer, adapter, PROMPTS, num_beams=3, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def soft_tokens(model, adapter, batch) -> list[torch.Tensor]:
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    adapter.set_prompt_mask(None)
+    return [torch.cat(layer.soft_kv, dim=-1) for layer in adapter.layers.values()]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_gpt2"])
+def test_targets_do_not_change_the_soft_tokens(model_name):
+    model, tokenizer, adapter = attach(model_name)
+    prompt = list(tokenizer("max of 3 1 4 1:")["input_ids"])
+
+    def batch(target: str, prompt_mask=None):
+        ids = prompt + list(tokenizer(target, add_special_tokens=False)["input_ids"])
+        mask = prompt_mask or [1] * len(prompt) + [0] * (len(ids) - len(prompt))
+        return collate_train([{"input_ids": ids, "labels": ids, "prompt_mask": mask}], tokenizer.pad_token_id)
+
+    short, long = soft_tokens(model, adapter, batch(" 4")), soft_tokens(model, adapter, batch(" 9 9 9 9 9"))
+    for a, b in zip(short, long):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # The same target counted as instruction would change them: the mask is what keeps it out.
+    leaked = batch(" 9 9 9 9 9")
+    leaked["prompt_mask"] = leaked["attention_mask"].clone()
+    assert not torch.allclose(soft_tokens(model, adapter, leaked)[0], long[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_gpt2"])
+def test_right_padded_rows_equal_unpadded_runs(model_name):
+    model, tokenizer, adapter = attach(model_name)
+    features = []
+    for prompt, target in zip(PROMPTS, [" 4", " 2 2 2", ""]):
+        p = list(tokenizer(prompt)["input_ids"])
+        t = list(tokenizer(target, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        features.append({"input_ids": p + t, "labels": p + t, "prompt_mask": [1] * len(p) + [0] * len(t)})
+    batch = collate_train(features, tokenizer.pad_token_id)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max(), "the batch must hold padding"
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, n in enumerate(lengths.tolist()):
+            adapter.set_prompt_mask(batch["prompt_mask"][i : i + 1, :n])
+            alone = model(input_ids=batch["input_ids"][i : i + 1, :n]).logits
+            torch.testing.assert_close(padded[i, :n], alone[0], atol=1e-5, rtol=1e-5)
+    adapter.set_prompt_mask(None)
+
+
+def test_eager_and_sdpa_agree():
+    outputs = []
+    for impl in ("sdpa", "eager"):
+        model, tokenizer, adapter = attach("tiny", attention=impl)
+        assert model.config._attn_implementation == "iapt_" + impl
+        batch = toy_batch(tokenizer, n=4)
+        adapter.set_prompt_mask(batch["prompt_mask"])
+        with torch.no_grad():
+            outputs.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_gate_zero_is_the_backbone_even_with_trained_generators():
+    model, tokenizer, adapter = attach("tiny", gate=0.0)
+    backbone, _ = tiny_model("tiny")
+    batch = toy_batch(tokenizer)
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(out, ref)
+
+
+def test_rational_coefficients_have_their_own_learning_rate():
+    _, _, adapter = attach("tiny")
+    groups = adapter.param_groups(3e-3)
+    assert [g["lr"] for g in groups] == [3e-3, 1e-6]
+    rational = {id(p) for n, p in adapter.trainable_parameters() if ".activation." in n}
+    assert {id(p) for p in groups[1]["params"]} == rational and len(rational) == 2 * 2  # 2 layers
+    assert sum(len(g["params"]) for g in groups) == len(adapter.trainable_parameters())
+
+
+def test_counts_by_kind():
+    model, _, adapter = attach("tiny")
+    d, m, n_soft, layers, heads = 64, 16, 4, 2, 4
+    per_layer = {"down": d * m + m, "pooling": m * n_soft, "rational": 7 + 5, "up": m * d + d, "gate": heads}
+    assert adapter.parameter_counts() == {**{k: v * layers for k, v in per_layer.items()},
+                                          "total": sum(per_layer.values()) * layers}
+    assert len(attention_modules(model)) == layers
+
+
+def test_merge_is_refused():
+    from peftrun.export import merge_into_backbone
+
+    model, _, adapter = attach("tiny")
+    assert not adapter.supports_merge
+    with pytest.raises(ValueError, match="cannot be merged"):
+        adapter.merge()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge_into_backbone(adapter, model)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("method.bottleneck=0", "method.bottleneck"),
+        ("method.n_soft=0", "method.n_soft"),
+        ("method.rational_degrees=[7,7]", "method.rational_degrees"),
+        ("method.rational_init=tanh", "method.rational_init"),
+        ("method.rational_lr=-1", "method.rational_lr"),
+    ],
+)
+def test_bad_config_is_refused_before_weights(override, key):
+    cfg = compose_config("method=iapt", override)
+    with pytest.raises(ConfigError) as err:
+        build_method(cfg.method).check_config()
+    assert err.value.key == key
+
+
+def test_unsupported_attention_is_refused():
+    cfg = compose_config("method=iapt")
+    model, _ = tiny_model("tiny")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError) as err:
+        build_method(cfg.method).attach(model)
+    assert err.value.key == "model.attn_implementation"
+    assert all(p.requires_grad is False for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_gpt2"])
+def test_cli_learns_the_toy_task(model_name, tmp_path):
+    # The untrained backbones score 0 exact match on task=toy (tests/test_toy_learning.py).
+    # trainer.lr=3e-2, 8 soft tokens: the gates start at 0 and must open before the generators
+    # get gradient; at the default 3e-3 they stay nearly shut in 300 steps at this size.
+    result = run_cli(f"model={model_name}", "method=iapt", "method.bottleneck=32", "method.n_soft=8", "trainer.lr=3e-2",
+                     "trainer.progress=false", "trainer.save_every=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "iapt"
+    # A low bar, measured: train loss only 4.6 -> ~3.9 (10-17 EM). Deep prompts only add key/value
+    # positions to a random 2-layer backbone, a far weaker lever than LoRA's weight updates here;
+    # plain P-tuning v2 (gates fixed at 1) plateaus the same way.
+    assert summary["test_exact_match"] >= 5
