@@ -28,26 +28,6 @@ def ce(model, batch) -> float:
     return float(token_loss_sum(logits, batch["labels"]) / (batch["labels"][:, 1:] != -100).sum())
 
 
-def naive_importance(adapter, batch) -> dict:
-    """The definition, one configuration at a time by setting the real gates."""
-    adapter.model.eval()
-    open_gates = {m: adapter.gate(m).clone() for m in adapter.layers}
-    scores = {}
-    for m, slot in adapter.live_ranks():
-        for mm in adapter.layers:
-            adapter.gate(mm).copy_(open_gates[mm])
-        adapter.gate(m)[slot] = 0
-        without = ce(adapter.model, batch)
-        for mm in adapter.layers:
-            adapter.gate(mm).zero_()
-        adapter.gate(m)[slot] = 1
-        only = ce(adapter.model, batch)
-        scores[(m, slot)] = without - only
-    for mm in adapter.layers:
-        adapter.gate(mm).copy_(open_gates[mm])
-    return scores
-
-
 def perturb(adapter, scale=0.05):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -81,7 +61,7 @@ def test_stacked_importance_equals_the_definition(per_forward):
     _, _, tokenizer, adapter = attach()
     perturb(adapter)
     batch = toy_batch(tokenizer, n=8)
-    expected = naive_importance(adapter, batch)
+    expected = adapter.importance_naive(batch)
     got = adapter.importance(batch, ablations_per_forward=per_forward)
     assert got.keys() == expected.keys()
     assert max(abs(got[r] - expected[r]) for r in got) <= 1e-5

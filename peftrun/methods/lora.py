@@ -37,6 +37,8 @@ class LoraLinear(nn.Module):
         # batch K stacked copies of one batch, copy k gated by row k: many ablations, one forward.
         self.lora_gate = nn.ParameterDict()
         self.ablation_gate: torch.Tensor | None = None
+        self.ablation_closed = False  # ablation_gate is all zero
+        self.ablation_slots: torch.Tensor | None = None  # columns of ablation_gate: these slots
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: list[str] = []
@@ -82,6 +84,10 @@ class LoraLinear(nn.Module):
         if name is None or name in self.merged:
             return out
         A, B = self.lora_A[name], self.lora_B[name]
+        if self.ablation_gate is not None:
+            if self.ablation_closed:
+                return out  # every stacked copy has this module's ranks closed
+            A, B = A[self.ablation_slots], B[:, self.ablation_slots]  # the slots open in some copy
         h = self.lora_dropout[name](x).to(A.dtype)
         return out + (F.linear(self._gated(F.linear(h, A), name), B) * self.scaling[name]).to(out.dtype)
 
