@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict
+from .common import config_to_dict, load_named, snapshot
 from .targets import find_targets, linear_features
 
 DEFAULT = "default"
@@ -147,24 +147,10 @@ class LoraAdapter:
         return counts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}.weight": p.detach().clone().contiguous()
-            for name, p in self.trainable_parameters()
-        }
+        return snapshot((f"{name}.weight", p) for name, p in self.trainable_parameters())
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        own = dict(self.trainable_parameters())
-        expected = {f"{n}.weight" for n in own}
-        if set(state) != expected:
-            missing = sorted(expected - set(state))[:3]
-            unexpected = sorted(set(state) - expected)[:3]
-            raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for key, tensor in state.items():
-                param = own[key[: -len(".weight")]]
-                if param.shape != tensor.shape:
-                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-                param.copy_(tensor)
+        load_named({f"{name}.weight": p for name, p in self.trainable_parameters()}, state)
 
     def config_dict(self) -> dict[str, Any]:
         return {**config_to_dict(self.cfg), "target_modules": sorted(self.layers)}

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict
+from .common import config_to_dict, load_named, snapshot
 from .pooling import POOLINGS, check_mask, pool
 from .targets import linear_features
 
@@ -342,19 +342,10 @@ class ParaAdapter:
         return counts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone().contiguous() for name, p in self.trainable_parameters()}
+        return snapshot(self.trainable_parameters())
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        own = dict(self.trainable_parameters())
-        if set(state) != set(own):
-            missing = sorted(set(own) - set(state))[:3]
-            unexpected = sorted(set(state) - set(own))[:3]
-            raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for key, tensor in state.items():
-                if own[key].shape != tensor.shape:
-                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(own[key].shape)}")
-                own[key].copy_(tensor)
+        load_named(dict(self.trainable_parameters()), state)
 
     def config_dict(self) -> dict[str, Any]:
         return {**config_to_dict(self.cfg), "target_modules": self.target_modules}

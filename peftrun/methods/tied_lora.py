@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError
 from ..models import output_head_names
 from .base import freeze, unique_parameters
-from .common import config_to_dict
+from .common import config_to_dict, load_named, snapshot
 from .targets import find_targets, is_linear, linear_features
 
 DEFAULT = "default"
@@ -316,20 +316,11 @@ class TiedLoraAdapter:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # Frozen tensors too: a frozen random A/B (vera) must come back exactly, not re-drawn.
-        return {name: p.detach().clone().contiguous() for name, p in self.tensors()}
+        return snapshot(self.tensors())
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         # Tied tensors are one Parameter shared by every block, so copying into it re-ties them.
-        own = dict(self.tensors())
-        if set(state) != set(own):
-            missing = sorted(set(own) - set(state))[:3]
-            unexpected = sorted(set(state) - set(own))[:3]
-            raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for key, tensor in state.items():
-                if own[key].shape != tensor.shape:
-                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(own[key].shape)}")
-                own[key].copy_(tensor)
+        load_named(dict(self.tensors()), state)
 
     def config_dict(self) -> dict[str, Any]:
         # Flags resolved, so a saved adapter reloads the same pattern whatever the preset says later.
