@@ -195,6 +195,11 @@ class IaptConfig(MethodConfig):
     # Learning rate of the rational coefficients (the authors' group: 1e-6); null: trainer.lr.
     # It decays with the same schedule as the rest.
     rational_lr: Optional[float] = 1e-6
+    # joint: the coefficients learn from training batches with the rest; alternating: from dev
+    # batches only, one step after every `rational_update_every` training steps.
+    rational_update: str = "joint"
+    rational_update_every: int = 1
+    rational_dev_batch_size: int = 16
 
 
 @dataclass

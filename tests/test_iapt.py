@@ -208,3 +208,41 @@ def test_cli_learns_the_toy_task(model_name, tmp_path):
     # positions to a random 2-layer backbone, a far weaker lever than LoRA's weight updates here;
     # plain P-tuning v2 (gates fixed at 1) plateaus the same way.
     assert summary["test_exact_match"] >= 5
+
+
+class RecordRational:
+    """Copies of the rational coefficients and of one other generator tensor after each step."""
+
+    def __init__(self):
+        self.rational, self.other = [], []
+
+    def on_train_start(self, state):
+        self.on_step_end(state)
+
+    def on_step_end(self, state):
+        adapter = state.run.adapter
+        named = adapter.trainable_parameters()
+        self.rational.append(torch.cat([p.detach().flatten().clone() for n, p in named if adapter._kind(n) == "rational"]))
+        self.other.append(torch.cat([p.detach().flatten().clone() for n, p in named if adapter._kind(n) == "up"]))
+
+
+def test_alternating_rational_update_learns_from_dev_batches_only(tmp_path):
+    """rational_update=alternating, every 2 steps: step 2 ends with a dev-batch step that moves
+    the coefficients; step 3, a training step only, moves the rest but not them. In joint mode
+    step 3 moves them too. (Step 1 moves no generator tensor: the per-head gates open there.)"""
+    from conftest import compose_config
+    from peftrun.train.loop import train
+
+    common = ("method=iapt", "method.bottleneck=8", "method.rational_lr=1e-2", "trainer.lr=1e-2",
+              "trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.eval_every=0", "trainer.save_every=0",
+              "trainer.progress=false", "trainer.micro_batch_size=8", "task.num_train=64", "task.num_dev=16",
+              "task.num_test=4")
+    alternating = RecordRational()
+    train(compose_config(*common, "method.rational_update=alternating", "method.rational_update_every=2",
+                         "method.rational_dev_batch_size=8"), tmp_path / "alt", extra_callbacks=[alternating])
+    assert not torch.equal(alternating.rational[2], alternating.rational[1])
+    assert torch.equal(alternating.rational[3], alternating.rational[2])  # step 3: a training step only
+    assert not torch.equal(alternating.other[3], alternating.other[2])
+    joint = RecordRational()
+    train(compose_config(*common), tmp_path / "joint", extra_callbacks=[joint])
+    assert not torch.equal(joint.rational[3], joint.rational[2])

@@ -258,6 +258,10 @@ class IaptAdapter:
         pass
 
     def callbacks(self) -> list[Any]:
+        if self.cfg.rational_update == "alternating":
+            from .iapt_rational_update import AlternatingRationalUpdate
+
+            return [AlternatingRationalUpdate(self)]
         return []
 
     def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
@@ -313,6 +317,11 @@ class IaptMethod:
             )
         if c.rational_lr is not None and c.rational_lr < 0:
             raise ConfigError("method.rational_lr", f"must be >= 0 (or null for trainer.lr), got {c.rational_lr}")
+        if c.rational_update not in ("joint", "alternating"):
+            raise ConfigError("method.rational_update", f"choose joint or alternating, got {c.rational_update!r}")
+        if c.rational_update_every <= 0 or c.rational_dev_batch_size <= 0:
+            raise ConfigError("method.rational_update_every",
+                              "rational_update_every and rational_dev_batch_size must be positive")
 
     def check_model(self, model: nn.Module) -> None:
         modules = attention_modules(model)
