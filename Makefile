@@ -1,5 +1,6 @@
 # make run  : create .venv, install, train the embedded default (tiny model, toy task, LoRA)
 # make test : create .venv, install, run the tests
+# make bench: training cost per method (vs the backbone and PEFT's LoRA) and ALoRA's scoring cost
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 # set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch==2.13.0" on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +24,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+bench: $(VENV)/.installed
+	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_alora.py | tee bench/alora.md
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun bench

@@ -1,0 +1,194 @@
+"""Training cost per method against references measured in the same run: the frozen backbone's
+forward + backward (the floor) and Hugging Face PEFT's LoRA at the same rank.
+
+Each configuration runs in its own process (peak memory is a per-process high-water mark):
+warm-up steps, then the median of timed optimizer steps (forward, backward, AdamW) on one
+batch. ALoRA is also timed as a whole run with its allocation rounds, against LoRA's run.
+
+    python scripts/bench_train.py                     # writes bench/train.md and bench/train.png
+    python scripts/bench_train.py --steps 20 --hidden 512 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# name -> method overrides (None: no adapter; "peft": Hugging Face PEFT's LoRA)
+CONFIGS = {
+    "backbone (frozen, fwd+bwd)": None,
+    "peft lora r=8": "peft",
+    "lora r=8": ("method=lora", "method.r=8"),
+    "tied_lora tl6 r=8": ("method=tied_lora", "method.preset=tl6", "method.r=8"),
+    "alora r_init=8 (step)": ("method=alora", "method.r_init=8", "method.max_rank=16"),
+    "para bottleneck 12": ("method=para", "method.bottleneck=12"),
+    "iapt bottleneck 64": ("method=iapt", "method.bottleneck=64"),
+}
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import peftrun.cli  # noqa: F401
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def model_overrides(args) -> list[str]:
+    return [f"model.build.hidden_size={args.hidden}", f"model.build.num_layers={args.layers}",
+            f"model.build.num_heads={args.hidden // 64}", f"model.build.num_kv_heads={max(1, args.hidden // 128)}",
+            f"model.build.intermediate_size={args.hidden * 8 // 3 // 8 * 8}",
+            f"model.build.max_position_embeddings={max(256, args.seq)}"]
+
+
+def measure(name: str, args) -> dict:
+    """One configuration, in this process: seconds per optimizer step and peak RSS."""
+    import torch
+
+    from peftrun.methods import build_method
+    from peftrun.models import build_model, load_tokenizer
+
+    torch.manual_seed(0)
+    spec = CONFIGS[name]
+    cfg = compose(model_overrides(args) + (list(spec) if isinstance(spec, tuple) else []))
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer)
+    ids = torch.randint(4, len(tokenizer), (args.batch, args.seq))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    prompt_mask = torch.zeros_like(ids)
+    prompt_mask[:, : args.seq // 2] = 1
+    adapter = None
+    if spec is None:
+        embeddings = model.get_input_embeddings()
+        embeddings.weight.requires_grad_(True)  # something to differentiate: backward runs through every block
+        params = [embeddings.weight]
+    elif spec == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                           lora_dropout=0.0))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        adapter = build_method(cfg.method).attach(model)
+        params = [p for _, p in adapter.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> float:
+        start = time.perf_counter()
+        if adapter is not None:
+            adapter.set_prompt_mask(prompt_mask)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        if spec is not None:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    return {"name": name, "seconds": statistics.median(times),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": sum(p.numel() for p in params) if spec is not None else 0}
+
+
+def whole_run(method: str, args) -> float:
+    """Training seconds of a complete toy-task run (ALoRA: with its allocation rounds)."""
+    import tempfile
+
+    from peftrun.train.loop import train
+
+    overrides = ["trainer.max_steps=120", "trainer.progress=false", "trainer.eval_every=0",
+                 "trainer.save_every=0", "task.num_test=16", "task.num_dev=64"]
+    if method == "alora":
+        overrides += ["method=alora", "method.warmup_steps=40", "method.interval_steps=10", "method.rounds=8"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        return train(compose(overrides), Path(run_dir))["train_seconds"]
+
+
+def run_child(kind: str, name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--name", name, "--hidden", str(args.hidden),
+           "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"{name}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench"))
+    parser.add_argument("--child", choices=["step", "run"], help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "step":
+        print(json.dumps(measure(args.name, args)))
+        return
+    if args.child == "run":
+        print(json.dumps({"seconds": whole_run(args.name, args)}))
+        return
+
+    rows = [run_child("step", name, args) for name in CONFIGS]
+    floor = rows[0]["seconds"]
+    peft_s = rows[1]["seconds"]
+    runs = {m: run_child("run", m, args)["seconds"] for m in ("lora", "alora")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"Training step, Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens, "
+        f"fp32, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch threads default.",
+        "",
+        "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / floor:.2f} | "
+                     f"{r['seconds'] / peft_s:.2f} | {r['peak_rss_mib']:.0f} |")
+    lines += ["", f"Whole toy-task run (120 steps, tiny model): LoRA {runs['lora']:.1f} s, ALoRA with 8 "
+              f"allocation rounds {runs['alora']:.1f} s = {runs['alora'] / runs['lora']:.2f}x LoRA."]
+    (out / "train.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    names = [r["name"] for r in rows]
+    ax.barh(names, [r["seconds"] / peft_s for r in rows], color=["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("seconds per training step / PEFT LoRA's")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "train.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
