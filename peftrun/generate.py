@@ -1,4 +1,5 @@
-"""Batched generation through the LM head: evaluation, and later multi-tenant inference."""
+"""Batched generation through the LM head: evaluation, and multi-tenant inference (one backbone,
+a batch whose requests each name their adapter)."""
 
 from __future__ import annotations
 
@@ -48,4 +49,30 @@ def generate(
         if adapter is not None:
             adapter.set_prompt_mask(None)
         model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def generate_mixed(
+    model,
+    tokenizer,
+    router: Any,
+    requests: Sequence[tuple[str, str | None]],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    num_beams: int = 1,
+    max_prompt_length: int = 256,
+) -> list[str]:
+    """Completions of (prompt, adapter name) requests in shared batches: `router.routing(names)`
+    sends each batch row through its request's adapter (None: the backbone). LoRA-family
+    adapters on one backbone route per row; beams of a request share its adapter."""
+    outputs: list[str] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        names = [name for _, name in chunk for _ in range(num_beams)]
+        with router.routing(names):
+            outputs += generate(model, tokenizer, None, [prompt for prompt, _ in chunk], batch_size=len(chunk),
+                                max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                max_prompt_length=max_prompt_length)
     return outputs

@@ -39,6 +39,8 @@ class LoraLinear(nn.Module):
         self.ablation_gate: torch.Tensor | None = None
         self.ablation_closed = False  # ablation_gate is all zero
         self.ablation_slots: torch.Tensor | None = None  # columns of ablation_gate: these slots
+        # Mixed-tenant batches: the adapter name of each batch row (None: the backbone alone).
+        self.request_adapters: list[str | None] | None = None
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: list[str] = []
@@ -80,6 +82,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.request_adapters is not None:
+            return out + self._per_request(x).to(out.dtype)
         name = self.active_adapter
         if name is None or name in self.merged:
             return out
@@ -90,6 +94,26 @@ class LoraLinear(nn.Module):
             A, B = A[self.ablation_slots], B[:, self.ablation_slots]  # the slots open in some copy
         h = self.lora_dropout[name](x).to(A.dtype)
         return out + (F.linear(self._gated(F.linear(h, A), name), B) * self.scaling[name]).to(out.dtype)
+
+    def _per_request(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row through its own adapter: the rows of one adapter are gathered and go
+        through its two small products together (unmerged LoRA's cost per tenant)."""
+        if len(self.request_adapters) != x.shape[0]:
+            raise ValueError(f"{len(self.request_adapters)} request adapters for a batch of {x.shape[0]} rows")
+        delta = torch.zeros(*x.shape[:-1], self.out_features, device=x.device)
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self.request_adapters):
+            if name is not None and name not in self.merged:
+                rows.setdefault(name, []).append(i)
+        for name, idx in rows.items():
+            if name not in self.lora_A:
+                raise ValueError(f"no adapter named {name!r} on this model (have: {', '.join(self.lora_A)})")
+            index = torch.tensor(idx, device=x.device)
+            h = F.linear(x.index_select(0, index).to(self.lora_A[name].dtype), self.lora_A[name])
+            if name in self.lora_gate:
+                h = h * self.lora_gate[name]
+            delta.index_copy_(0, index, F.linear(h, self.lora_B[name]) * self.scaling[name])
+        return delta
 
     def _base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -192,6 +216,23 @@ class LoraAdapter:
         pass  # LoRA does not depend on which tokens are the prompt
 
     # -- switching
+    def activate(self) -> None:
+        """Make this adapter the one its layers apply (several may share the layers)."""
+        for layer in self.layers.values():
+            layer.active_adapter = self.name
+
+    @contextlib.contextmanager
+    def routing(self, names: list[str | None]):
+        """Within the context, batch row i goes through adapter names[i] (None: the backbone)
+        on every layer these adapters share: one batch, many tenants."""
+        for layer in self.layers.values():
+            layer.request_adapters = list(names)
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.request_adapters = None
+
     @contextlib.contextmanager
     def disabled(self):
         # A merged adapter lives in the base weights: take it out for the duration.
