@@ -189,13 +189,12 @@ def run(cfg: DictConfig) -> Any:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
-        check_resumable(run_dir, cfg)
+        fresh = check_resumable(run_dir, cfg) is None
     except ConfigError as e:
         remove_if_empty(run_dir)
         fail(e)
     if int(os.environ.get("RANK", "0")) == 0:  # every process shares one run folder
         write_config(run_dir, cfg)
-    fresh = check_resumable(run_dir, cfg) is None
     try:
         summary = train(cfg, run_dir)
     except ConfigError as e:  # found at set-up, before any weights (a batch too large, ...)

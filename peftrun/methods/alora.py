@@ -253,12 +253,7 @@ class AloraMethod(LoraMethod):
             raise ConfigError("method.r_init", f"must be a positive integer, got {c.r_init}")
         if c.max_rank < c.r_init:
             raise ConfigError("method.max_rank", f"the slots per module ({c.max_rank}) must hold r_init={c.r_init}")
-        if c.alpha <= 0:
-            raise ConfigError("method.alpha", f"must be positive, got {c.alpha}")
-        if not 0.0 <= c.dropout < 1.0:
-            raise ConfigError("method.dropout", f"must be in [0, 1), got {c.dropout}")
-        if c.init not in ("kaiming", "gaussian"):
-            raise ConfigError("method.init", f"choose kaiming or gaussian, got {c.init!r}")
+        self.check_factors()
         if c.rounds < 0:
             raise ConfigError("method.rounds", f"must be 0 or more, got {c.rounds}")
         if c.ranks_per_round is not None and c.ranks_per_round <= 0:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -33,3 +34,23 @@ def load_named(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
             if own[key].shape != tensor.shape:
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(own[key].shape)}")
             own[key].copy_(tensor)
+
+
+@contextlib.contextmanager
+def layers_disabled(layers: Iterable[Any], name: str) -> Iterator[None]:
+    """The backbone exactly, for the duration: every layer's active adapter set to None, and an
+    adapter merged into a layer's weights (layers that track `merged`) taken out meanwhile."""
+    layers = list(layers)
+    merged = [layer for layer in layers if name in getattr(layer, "merged", ())]
+    for layer in merged:
+        layer.unmerge(name)
+    saved = [layer.active_adapter for layer in layers]
+    for layer in layers:
+        layer.active_adapter = None
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, saved):
+            layer.active_adapter = active
+        for layer in merged:
+            layer.merge(name)

@@ -41,7 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict, load_named, snapshot
+from .common import config_to_dict, layers_disabled, load_named, snapshot
 from .rational import Rational, available_inits, degree_key
 
 DEFAULT = "default"
@@ -268,16 +268,8 @@ class IaptAdapter:
         self.prompt.mask = prompt_mask
 
     # -- switching
-    @contextlib.contextmanager
-    def disabled(self):
-        saved = {mod: layer.active_adapter for mod, layer in self.layers.items()}
-        for layer in self.layers.values():
-            layer.active_adapter = None
-        try:
-            yield
-        finally:
-            for mod, layer in self.layers.items():
-                layer.active_adapter = saved[mod]
+    def disabled(self) -> contextlib.AbstractContextManager:
+        return layers_disabled(self.layers.values(), self.name)
 
     def merge(self) -> None:
         raise ValueError("IAPT cannot be merged: its soft tokens depend on each prompt "

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict, load_named, snapshot
+from .common import config_to_dict, layers_disabled, load_named, snapshot
 from .targets import find_targets, linear_features
 
 DEFAULT = "default"
@@ -233,22 +233,8 @@ class LoraAdapter:
             for layer in self.layers.values():
                 layer.request_adapters = None
 
-    @contextlib.contextmanager
-    def disabled(self):
-        # A merged adapter lives in the base weights: take it out for the duration.
-        merged = [layer for layer in self.layers.values() if self.name in layer.merged]
-        for layer in merged:
-            layer.unmerge(self.name)
-        saved = {mod: layer.active_adapter for mod, layer in self.layers.items()}
-        for layer in self.layers.values():
-            layer.active_adapter = None
-        try:
-            yield
-        finally:
-            for mod, layer in self.layers.items():
-                layer.active_adapter = saved[mod]
-            for layer in merged:
-                layer.merge(self.name)
+    def disabled(self) -> contextlib.AbstractContextManager:
+        return layers_disabled(self.layers.values(), self.name)
 
     def merge(self) -> None:
         for layer in self.layers.values():
@@ -266,9 +252,13 @@ class LoraMethod:
         self.cfg = cfg
 
     def check_config(self) -> None:
+        if self.cfg.r <= 0:
+            raise ConfigError("method.r", f"the rank must be a positive integer, got {self.cfg.r}")
+        self.check_factors()
+
+    def check_factors(self) -> None:
+        """alpha, dropout and init: shared by the LoRA family (ALoRA too)."""
         c = self.cfg
-        if c.r <= 0:
-            raise ConfigError("method.r", f"the rank must be a positive integer, got {c.r}")
         if c.alpha <= 0:
             raise ConfigError("method.alpha", f"must be positive, got {c.alpha}")
         if not 0.0 <= c.dropout < 1.0:

@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError
 from ..models import output_head_names
 from .base import freeze, unique_parameters
-from .common import config_to_dict, load_named, snapshot
+from .common import config_to_dict, layers_disabled, load_named, snapshot
 from .targets import find_targets, is_linear, linear_features
 
 DEFAULT = "default"
@@ -361,21 +361,8 @@ class TiedLoraAdapter:
         pass  # not prompt-aware
 
     # -- switching
-    @contextlib.contextmanager
-    def disabled(self):
-        merged = [layer for layer in self.layers.values() if self.name in layer.merged]
-        for layer in merged:
-            layer.unmerge(self.name)
-        saved = {mod: layer.active_adapter for mod, layer in self.layers.items()}
-        for layer in self.layers.values():
-            layer.active_adapter = None
-        try:
-            yield
-        finally:
-            for mod, layer in self.layers.items():
-                layer.active_adapter = saved[mod]
-            for layer in merged:
-                layer.merge(self.name)
+    def disabled(self) -> contextlib.AbstractContextManager:
+        return layers_disabled(self.layers.values(), self.name)
 
     def merge(self) -> None:
         for layer in self.layers.values():
