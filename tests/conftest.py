@@ -48,6 +48,20 @@ def toy_batch(tokenizer, n: int = 8):
     return collate_train(features, tokenizer.pad_token_id)
 
 
+def untrained_exact_match(cfg) -> float:
+    """Test exact match of `cfg`'s backbone with no adapter: the floor a method must beat."""
+    from peftrun.generate import generate
+    from peftrun.models import build_model, load_tokenizer
+    from peftrun.tasks import build_task
+
+    tokenizer = load_tokenizer(cfg.model)
+    task = build_task(cfg.task)
+    test = task.examples("test")
+    predictions = generate(build_model(cfg.model, tokenizer), tokenizer, None, [e.prompt for e in test],
+                           max_new_tokens=cfg.task.max_new_tokens)
+    return task.score(predictions, test)["exact_match"]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`peftrun ARGS` in a subprocess (progress bar off)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}

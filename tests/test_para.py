@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_config, tiny_model, toy_batch
+from conftest import compose_config, tiny_model, toy_batch, untrained_exact_match
 from peftrun.errors import ConfigError
 from peftrun.generate import generate
 from peftrun.methods import build_method
@@ -182,17 +182,10 @@ def test_bad_config_is_refused_before_weights_load(overrides, key):
 def test_para_learns_the_toy_task(tmp_path, model_name):
     # The untrained backbone scores 0 (test_toy_learning.py). PARA only rescales activations of
     # a random backbone, so it needs a larger lr than LoRA's 3e-3 (see README, PARA).
-    from peftrun.models import build_model, load_tokenizer
-    from peftrun.tasks import build_task
     from peftrun.train.loop import train
 
     cfg = compose_config("method=para", f"model={model_name}", "trainer.lr=3e-2", "trainer.max_steps=200",
                          "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress=false")
-    tokenizer = load_tokenizer(cfg.model)
-    task = build_task(cfg.task)
-    test = task.examples("test")
-    untrained = generate(build_model(cfg.model, tokenizer), tokenizer, None, [e.prompt for e in test],
-                         max_new_tokens=cfg.task.max_new_tokens)
-    assert task.score(untrained, test)["exact_match"] < 5
+    assert untrained_exact_match(cfg) < 5
     summary = train(cfg, tmp_path)
     assert summary["test_exact_match"] >= 25
