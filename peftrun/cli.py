@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _schemas  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from .distributed import export_scheduler_env
+from .distributed import check_sharding, export_scheduler_env
 from .errors import ConfigError, fail
 
 CONFIG_DIR = Path(os.environ.get("PEFTRUN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -58,6 +58,7 @@ def validate(cfg: DictConfig) -> None:
         (t.generate_every == 0 or (t.eval_every > 0 and t.generate_every % t.eval_every == 0),
          "trainer.generate_every", "generation runs at dev evaluations: make it a multiple of trainer.eval_every"),
         (cfg.task.max_length > 1, "task.max_length", f"must be at least 2, got {cfg.task.max_length}"),
+        (t.strategy in ("ddp", "fsdp"), "trainer.strategy", f"choose ddp or fsdp, got {t.strategy!r}"),
     ]
     for ok, key, message in checks:
         if not ok:
@@ -68,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("trainer.precision", "fp16 needs a GPU; use bf16 or fp32 on a CPU")
     validate_model_config(cfg.model)
+    check_sharding(cfg)
     method = build_method(cfg.method)
     method.check_config()
     build_task(cfg.task).validate()

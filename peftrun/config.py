@@ -258,6 +258,9 @@ class TrainerConfig:
     progress: bool = True
     # Expected number of processes; the run refuses to start under another world size.
     num_processes: Optional[int] = None
+    # ddp: every process holds the whole backbone. fsdp: the frozen backbone and the adapter are
+    # sharded over the processes (FSDP2 through Accelerate's plugin), one unit per decoder layer.
+    strategy: str = "ddp"
 
 
 @dataclass

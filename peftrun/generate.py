@@ -21,9 +21,11 @@ def generate(
     max_new_tokens: int = 16,
     num_beams: int = 1,
     max_prompt_length: int = 256,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy (or beam) completions of `prompts`, left-padded in batches, stopping at EOS.
-    The adapter learns each batch's prompt positions before the forward passes."""
+    The adapter learns each batch's prompt positions before the forward passes. `synced`: a
+    sharded model on several processes; each keeps stepping until all have finished."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -42,6 +44,7 @@ def generate(
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced,
             )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -1,12 +1,14 @@
 """Run under `torchrun --nproc_per_node 2` by the multi-process tests: trains a method through the
-real loop, then each process writes the adapter tensors it holds (rank<k>.safetensors) and its
-initial ones (init<k>.safetensors), so a test can compare processes.
+real loop, then each process writes the adapter tensors it holds (rank<k>.safetensors), its
+initial ones (init<k>.safetensors) and how many backbone weights it holds itself
+(shard<k>.json: sharded runs hold a part), so a test can compare processes.
 
     torchrun --nproc_per_node 2 tests/ddp_run.py METHOD RUN_DIR [override ...]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,10 @@ class DumpAdapter:
 
     def on_train_start(self, state) -> None:
         self.dump(state, "init")
+        frozen = [p for p in state.run.model.parameters() if not p.requires_grad]
+        held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
+        sizes = {"held": held, "total": sum(p.numel() for p in frozen)}
+        (self.run_dir / f"shard{self.rank}.json").write_text(json.dumps(sizes))
 
     def on_train_end(self, state) -> None:
         self.dump(state, "rank")

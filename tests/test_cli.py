@@ -195,6 +195,7 @@ BAD_INPUT = [
     ("unknown-quantization", ["model.quantization=nf5"], "model.quantization"),
     ("batch-too-large", ["trainer.micro_batch_size=4096", "task.num_train=100"], "trainer.micro_batch_size"),
     ("num-processes-mismatch", ["trainer.num_processes=2"], "trainer.num_processes"),
+    ("fsdp-tied-tensors", ["method=tied_lora", "trainer.strategy=fsdp"], "trainer.strategy"),
 ]
 
 

@@ -39,13 +39,16 @@ def build_method(cfg: Any) -> Method:
     return METHODS[cfg.name][0](cfg)
 
 
-def save_adapter(adapter: Adapter, folder: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter into `folder` atomically (a temporary sibling, then a rename)."""
+def save_adapter(adapter: Adapter, folder: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                 tensors: dict[str, Any] | None = None) -> Path:
+    """Write the adapter into `folder` atomically (a temporary sibling, then a rename).
+    `tensors`: its state_dict() taken beforehand (sharded runs gather it on every process)."""
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(adapter.state_dict(), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    tensors = adapter.state_dict() if tensors is None else tensors
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {"method": adapter.method, "config": adapter.config_dict(), "state": adapter.extra_state()}
     config.update(metadata or {})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -246,6 +246,7 @@ def ablation_losses(adapter: AloraAdapter, batch: dict[str, torch.Tensor], confi
 
 class AloraMethod(LoraMethod):
     name = "alora"
+    fsdp_unsupported = "its allocation rounds rewrite ranks and their optimizer moments in place"
 
     def check_config(self) -> None:
         c = self.cfg

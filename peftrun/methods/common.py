@@ -8,6 +8,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -18,9 +19,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a sharded one (FSDP's DTensor: gathered from every process, so every
+    process must ask together); any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def snapshot(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Detached contiguous copies of (name, tensor) pairs: what a saved adapter holds."""
-    return {name: p.detach().clone().contiguous() for name, p in named}
+    """Detached contiguous copies of (name, tensor) pairs: what a saved adapter holds.
+    Sharded tensors are gathered: under FSDP every process calls this together."""
+    return {name: whole(p.detach()).clone().contiguous() for name, p in named}
 
 
 def load_named(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
@@ -33,6 +41,9 @@ def load_named(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
         for key, tensor in state.items():
             if own[key].shape != tensor.shape:
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} != {tuple(own[key].shape)}")
+            if isinstance(own[key], DTensor):  # keep this process's shard of the full tensor
+                tensor = distribute_tensor(tensor.to(own[key].device, own[key].dtype), own[key].device_mesh,
+                                           own[key].placements, src_data_rank=None)
             own[key].copy_(tensor)
 
 

@@ -390,6 +390,7 @@ class TiedLoraAdapter:
 # ---------------------------------------------------------------------------------------- method
 class TiedLoraMethod:
     name = "tied_lora"
+    fsdp_unsupported = "its A and B are one tensor read by every layer, and FSDP shards layer by layer"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

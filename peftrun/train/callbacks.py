@@ -154,8 +154,11 @@ class Checkpointer:
     def on_evaluate(self, state: TrainState) -> None:
         from ..methods import save_adapter
 
-        if state.is_best and state.run.accelerator.is_main_process:
-            save_adapter(state.run.adapter, state.run.run_dir / "best", {"step": state.step, "dev_loss": state.dev_loss})
+        if state.is_best:
+            tensors = state.run.adapter.state_dict()  # every process: sharded tensors are gathered
+            if state.run.accelerator.is_main_process:
+                save_adapter(state.run.adapter, state.run.run_dir / "best",
+                             {"step": state.step, "dev_loss": state.dev_loss}, tensors=tensors)
         state.run.accelerator.wait_for_everyone()
 
     def on_step_end(self, state: TrainState) -> None:

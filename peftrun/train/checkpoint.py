@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from ..distributed import load_optimizer_state, optimizer_state
 from ..errors import ConfigError
 from ..methods import ADAPTER_WEIGHTS, replace_dir, save_adapter
 
@@ -73,10 +74,13 @@ def save_checkpoint(run_dir: Path, state, run, keep: int, protect: frozenset[str
     root = run_dir / CHECKPOINTS
     tmp = root / f".tmp-step-{state.step:08d}"
     final = root / f"step-{state.step:08d}"
+    # Every process takes part in gathering sharded (FSDP) tensors; the main one writes.
+    tensors = run.adapter.state_dict()
+    optimizer = optimizer_state(acc, run.model, run.optimizer)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(run.adapter, tmp / "adapter")
-        torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_adapter(run.adapter, tmp / "adapter", tensors=tensors)
+        torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / PROGRESS).write_text(json.dumps(state.progress(), indent=2))
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
@@ -97,7 +101,7 @@ def load_checkpoint(folder: Path, state, run, process_index: int) -> None:
     run.adapter.load_state_dict(load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)))
     saved_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
     run.adapter.load_extra_state(saved_cfg.get("state", {}))
-    run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    load_optimizer_state(run.accelerator, run.model, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False))
     run.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     state.load_progress(json.loads((folder / PROGRESS).read_text()))
     rng = folder / f"rng-{process_index}.pt"

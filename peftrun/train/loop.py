@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from ..data import collate_train
+from ..distributed import is_sharded, make_accelerator, padded_shard
 from ..token_cache import tokenize_cached
 from ..errors import ConfigError
 from ..generate import generate
@@ -32,8 +32,6 @@ from ..tasks import build_task
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, TrainState, fire
 from .checkpoint import check_resumable, load_checkpoint, remove_partial
 from .preemption import catch_preemption
-
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -99,9 +97,7 @@ class DataOrder:
 def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     t = cfg.trainer
     # ------------------------------------------------------------------ set-up: processes
-    # Accelerate treats a multi-process launch as CPU-distributed (gloo) only when told to.
-    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    acc = Accelerator(mixed_precision=PRECISION[t.precision], cpu=cpu_processes)
+    acc = make_accelerator(t)  # trainer.strategy: ddp, or fsdp (sharded backbone and adapter)
     console = Console(quiet=not acc.is_main_process, highlight=False)
     world, rank = acc.num_processes, acc.process_index
     if t.num_processes is not None and t.num_processes != world:
@@ -155,6 +151,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
     model, optimizer = acc.prepare(model, optimizer)
     base_model = acc.unwrap_model(model)
+    sharded = is_sharded(acc)
+    params = [p for _, p in adapter.trainable_parameters()]  # FSDP replaced them with sharded ones
 
     state = TrainState(total_steps=total_steps, steps_per_epoch=order.steps_per_epoch)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", t.log_every, enabled=acc.is_main_process)
@@ -179,9 +177,11 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
         model.eval()
         loss, tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         with torch.no_grad():
-            shard = dev_feats[rank::world]
+            shard, real = padded_shard(dev_feats, rank, world)
             for i in range(0, len(shard), t.eval_batch_size):
-                batch = {k: v.to(acc.device) for k, v in collate_train(shard[i : i + t.eval_batch_size], tokenizer.pad_token_id).items()}
+                batch = collate_train(shard[i : i + t.eval_batch_size], tokenizer.pad_token_id)
+                batch["labels"][max(real - i, 0) :] = -100  # padding rows: same forwards, no loss
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
                 adapter.set_prompt_mask(batch["prompt_mask"])
                 with acc.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -194,11 +194,13 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
 
     def generation_metrics(split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
         exs = examples[split]
+        prompts, real = padded_shard([e.prompt for e in exs], rank, world)
         mine = generate(
-            base_model, tokenizer, adapter, [e.prompt for e in exs[rank::world]],
+            base_model, tokenizer, adapter, prompts,
             batch_size=t.eval_batch_size, max_new_tokens=cfg.task.max_new_tokens,
             num_beams=t.num_beams, max_prompt_length=cfg.task.max_length,
-        )
+            synced=sharded and world > 1,
+        )[:real]
         # Process r generated examples r, r + world, ...: gather and put them back in order.
         numbered = [(rank + world * i, p) for i, p in enumerate(mine)]
         predictions = [p for _, p in sorted(gather_object(numbered) if world > 1 else numbered)]
@@ -276,8 +278,9 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
         console.print(f"[bold]best[/] adapter of step {state.best_step} loaded (dev loss {state.dev_loss:.4f})")
     state.metrics, rows = generation_metrics("test")
     adapter_dir = run_dir / "adapter"
+    tensors = adapter.state_dict()  # every process: sharded tensors are gathered
     if acc.is_main_process:
-        save_adapter(adapter, adapter_dir, {"base_model": cfg.model.name, "step": state.step})
+        save_adapter(adapter, adapter_dir, {"base_model": cfg.model.name, "step": state.step}, tensors=tensors)
         with (run_dir / "predictions.jsonl").open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     acc.wait_for_everyone()
