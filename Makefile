@@ -1,6 +1,7 @@
 # make run  : create .venv, install, train the embedded default (tiny model, toy task, LoRA)
 # make test : create .venv, install, run the tests
-# make bench: training cost per method (vs the backbone and PEFT's LoRA) and ALoRA's scoring cost
+# make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
+#             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -27,6 +28,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_alora.py | tee bench/alora.md
+	$(BIN)/python scripts/bench_multitenant.py
 
 clean:
 	rm -rf $(VENV) outputs multirun bench

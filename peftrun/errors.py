@@ -16,8 +16,8 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {message}")
 
 
-def fail(err: Exception) -> "NoReturn":  # noqa: F821
+def fail(err: Exception, prog: str = "peftrun") -> "NoReturn":  # noqa: F821
     """Print `err` as one line on stderr and exit 2, with no traceback."""
     text = " ".join(str(err).split())
-    print(f"peftrun: error: {text}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)

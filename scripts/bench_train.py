@@ -125,6 +125,26 @@ def whole_run(method: str, args) -> float:
         return train(compose(overrides), Path(run_dir))["train_seconds"]
 
 
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch threads default"
+
+
+def bar_chart(path: Path, names: list[str], values: list[float], xlabel: str, colors: list[str]) -> None:
+    """Horizontal bars, one per configuration, with a dashed line at 1 (the reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.25 * len(names)))
+    ax.barh(names, values, color=colors)
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def run_child(kind: str, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--name", name, "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -162,7 +182,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         f"Training step, Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens, "
-        f"fp32, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch threads default.",
+        f"fp32, {machine()}.",
         "",
         "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -175,19 +195,8 @@ def main() -> None:
     (out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    names = [r["name"] for r in rows]
-    ax.barh(names, [r["seconds"] / peft_s for r in rows], color=["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
-    ax.axvline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("seconds per training step / PEFT LoRA's")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(out / "train.png", dpi=120)
+    bar_chart(out / "train.png", [r["name"] for r in rows], [r["seconds"] / peft_s for r in rows],
+              "seconds per training step / PEFT LoRA's", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
 
 
 if __name__ == "__main__":

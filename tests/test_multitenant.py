@@ -1,53 +1,198 @@
-"""One backbone, several LoRA adapters, one batch whose requests each name their adapter: every
-request's output equals the same request run alone with its adapter."""
+"""One backbone, several adapters, one batch whose requests each name their adapter: for every
+method, each request's output equals the same request run alone with its adapter (or the
+backbone), greedy and beam search; the routing matters; unknown names are refused."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import pytest
 import torch
 
 from conftest import compose_config, tiny_model
-from peftrun.generate import generate, generate_mixed
+from peftrun.errors import ConfigError
+from peftrun.generate import Router, generate, generate_mixed
 from peftrun.methods import build_method
 
+# Per method: the overrides of each tenant. The tenants differ in size (rank, bottleneck, soft
+# tokens, targets), so the per-row paths must pad and mask, not assume one shape.
+TENANTS = {
+    "lora": [("method.r=4",), ("method.r=2",), ("method.r=8", "method.targets=[q_proj,v_proj,c_attn]")],
+    "alora": [("method.r_init=2", "method.max_rank=4")] * 3,
+    "tied_lora": [("method.r=4",), ("method.r=2",), ("method.r=4", "method.preset=vera")],
+    "para": [("method.bottleneck=8",), ("method.bottleneck=4", "method.targets=[k,down]"),
+             ("method.bottleneck=8", "method.pooling=mean", "method.targets=[q]")],
+    "iapt": [("method.bottleneck=16",), ("method.bottleneck=8", "method.n_soft=2"), ("method.bottleneck=16",)],
+}
+SCALE = {"lora": 0.3, "alora": 0.3, "tied_lora": 0.2, "para": 3.0, "iapt": 0.3}
+PROMPTS = ["max 3815=", "min 42=", "sort 9071=", "max 5=", "sum 1234=", "min 777="]
+NAMES = ["a", "b", None, "c", "a", "b"]
 
-def tenants(model_name: str):
-    model, tokenizer = tiny_model(model_name)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread, so a busy machine's thread pool does not dominate the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def method_config(*overrides: str):
+    return compose_config(*overrides).method  # composing is the slow part of attaching a tiny adapter
+
+
+def attach(model, model_name: str, method: str, names=("a", "b", "c"), seed: int = 0) -> dict:
+    """Adapters of `method` moved off their init (IAPT's gates open), far enough to matter."""
     adapters = {}
-    for i, name in enumerate(["a", "b", "c"]):
-        cfg = compose_config("method=lora", "method.r=4", f"model={model_name}")
-        torch.manual_seed(i)
-        adapter = build_method(cfg.method).attach(model, adapter_name=name)
+    for i, (name, overrides) in enumerate(zip(names, TENANTS[method])):
+        cfg = method_config(f"method={method}", f"model={model_name}", *overrides)
+        torch.manual_seed(seed + i)
+        adapter = build_method(cfg).attach(model, adapter_name=name)
         with torch.no_grad():
-            for _, p in adapter.trainable_parameters():
-                p.add_(torch.randn_like(p) * 0.3)  # adapters that change the output
+            for pname, p in adapter.trainable_parameters():
+                if pname.endswith(".gate"):
+                    p.fill_(1.0)
+                else:
+                    p.add_(torch.randn_like(p) * SCALE[method])
         adapters[name] = adapter
-    return model, tokenizer, adapters
+    return adapters
 
 
-@pytest.mark.parametrize("model_name,num_beams", [("tiny", 1), ("tiny_gpt2", 1), ("tiny", 2)])
-def test_mixed_batch_equals_each_request_alone(model_name, num_beams):
-    model, tokenizer, adapters = tenants(model_name)
-    model.eval()
-    prompts = ["max 3815=", "min 42=", "sort 9071=", "max 5=", "sum 1234=", "min 777="]
-    names = ["a", "b", None, "c", "a", "b"]
-    mixed = generate_mixed(model, tokenizer, adapters["a"], list(zip(prompts, names)),
-                           max_new_tokens=6, num_beams=num_beams)
-    alone = []
-    for prompt, name in zip(prompts, names):
-        if name is None:
-            with adapters["a"].disabled():
-                alone += generate(model, tokenizer, None, [prompt], max_new_tokens=6, num_beams=num_beams)
-        else:
-            adapters[name].activate()
-            alone += generate(model, tokenizer, None, [prompt], max_new_tokens=6, num_beams=num_beams)
+def run_alone(model, tokenizer, adapters: dict, name, prompt: str, **kwargs) -> str:
+    """One request on its own: its adapter active, every other method's adapters off."""
+    with contextlib.ExitStack() as stack:
+        families: dict = {}
+        for a in adapters.values():
+            families.setdefault(type(a).routing, a)
+        owner = adapters.get(name)
+        if owner is not None:
+            owner.activate()
+        for family in families.values():
+            if owner is None or type(family).routing is not type(owner).routing:
+                stack.enter_context(family.disabled())
+        return generate(model, tokenizer, owner, [prompt], **kwargs)[0]
+
+
+CASES = [(m, "tiny", 1) for m in TENANTS] + [(m, "tiny_gpt2", 1) for m in TENANTS] + [
+    (m, "tiny", 2) for m in ("lora", "para", "iapt")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,model_name,num_beams", CASES)
+def test_mixed_batch_equals_each_request_alone(method, model_name, num_beams):
+    model, tokenizer = tiny_model(model_name)
+    adapters = attach(model, model_name, method)
+    kwargs = dict(max_new_tokens=5, num_beams=num_beams)
+    mixed = generate_mixed(model, tokenizer, adapters["a"], list(zip(PROMPTS, NAMES)), **kwargs)
+    alone = [run_alone(model, tokenizer, adapters, n, p, **kwargs) for p, n in zip(PROMPTS, NAMES)]
     assert mixed == alone
-    everyone_on_a = generate_mixed(model, tokenizer, adapters["a"], [(p, "a") for p in prompts],
-                                   max_new_tokens=6, num_beams=num_beams)
+    everyone_on_a = generate_mixed(model, tokenizer, adapters["a"], [(p, "a") for p in PROMPTS], **kwargs)
     assert everyone_on_a != mixed, "the routing matters: the tenants' adapters differ"
 
 
-def test_unknown_tenant_is_refused():
-    model, tokenizer, adapters = tenants("tiny")
+@pytest.mark.parametrize("method", list(TENANTS))
+def test_unknown_tenant_is_refused(method):
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", method, names=("a",))
     with pytest.raises(ValueError, match="no adapter named 'zz'"):
-        generate_mixed(model, tokenizer, adapters["a"], [("max 1=", "zz")], max_new_tokens=2)
+        generate_mixed(model, tokenizer, adapters["a"], [("max 1=", "a"), ("max 1=", "zz")], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", list(TENANTS))
+def test_disabled_is_the_backbone_even_while_routing(method):
+    from peftrun.data import encode_prompts
+
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", method, names=("a", "b"))
+    batch = encode_prompts(PROMPTS[:2], tokenizer, 64)
+    backbone, _ = tiny_model("tiny")
+    with torch.no_grad(), adapters["a"].routing(["a", "b"]):
+        adapters["a"].set_prompt_mask(batch["prompt_mask"])
+        routed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with adapters["b"].disabled():
+            off = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        adapters["a"].set_prompt_mask(None)
+        reference = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(off, reference)
+    assert not torch.allclose(routed, reference, atol=1e-4)
+
+
+def test_a_batch_must_be_routed_row_by_row():
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", "lora", names=("a", "b"))
+    with adapters["a"].routing(["a", "b"]), pytest.raises(ValueError, match="2 request adapters for a batch of 3"):
+        generate(model, tokenizer, adapters["a"], ["max 1=", "max 2=", "max 3="], max_new_tokens=2)
+
+
+def test_merged_adapters_cannot_be_routed():
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", "lora", names=("a", "b"))
+    adapters["b"].merge()
+    with pytest.raises(ValueError, match="unmerge them before routing"):
+        generate_mixed(model, tokenizer, adapters["a"], [("max 1=", "a")], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_adapters_of_several_methods_share_one_batch():
+    model, tokenizer = tiny_model("tiny")
+    adapters = {}
+    # IAPT first: LoRA's all-linear must leave IAPT's generator layers alone.
+    for seed, (method, name) in enumerate([("iapt", "i"), ("lora", "l"), ("alora", "al"), ("para", "p"), ("para", "p2")]):
+        adapters.update(attach(model, "tiny", method, names=(name,), seed=10 * seed))
+    with pytest.raises(ConfigError, match="already holds a LoraLinear adapter, which tied_lora cannot share"):
+        attach(model, "tiny", "tied_lora", names=("t",))
+    names = ["p", "l", None, "i", "al", "p2"]
+    mixed = generate_mixed(model, tokenizer, list(adapters.values()), list(zip(PROMPTS, names)), max_new_tokens=5)
+    alone = [run_alone(model, tokenizer, adapters, n, p, max_new_tokens=5) for p, n in zip(PROMPTS, names)]
+    assert mixed == alone
+    assert len(set(mixed)) > 3, "the adapters change the outputs"
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        generate_mixed(model, tokenizer, Router(adapters.values()), [("max 1=", "zz")], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("path", ["flash", "lse"])
+def test_iapt_decode_merge_equals_the_joint_attention(path, monkeypatch):
+    """IAPT's decode steps merge the backbone's attention with the soft tokens' through the
+    log-sum-exp; that must be the joint softmax the prefill computes with a second call."""
+    from transformers import DynamicCache
+
+    from peftrun.data import encode_prompts
+    from peftrun.methods import iapt
+
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", "iapt")
+    if path == "lse":  # the portable path: L from one q.K product
+        monkeypatch.setattr(iapt, "_attention_with_lse", lambda *args: None)
+    batch = encode_prompts(PROMPTS, tokenizer, 64)
+
+    def decode_logits() -> torch.Tensor:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), adapters["a"].routing(NAMES):
+            adapters["a"].set_prompt_mask(batch["prompt_mask"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cache=cache)
+            mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 1, dtype=torch.long)], dim=1)
+            logits = model(input_ids=torch.full((len(PROMPTS), 1), 7), attention_mask=mask, cache=cache).logits
+        adapters["a"].set_prompt_mask(None)
+        return logits
+
+    merges = []
+    merge = iapt._merged_joint
+    monkeypatch.setattr(iapt, "_merged_joint", lambda *args: merges.append(1) or merge(*args))
+    merged = decode_logits()
+    assert len(merges) == model.config.num_hidden_layers, "the decode step took the merged path"
+    monkeypatch.setattr(iapt, "_mergeable", lambda *args: False)
+    joint = decode_logits()
+    torch.testing.assert_close(merged, joint, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(merged, decode_logits_backbone(model, batch), atol=1e-3), "the soft tokens matter"
+
+
+def decode_logits_backbone(model, batch) -> torch.Tensor:
+    backbone, _ = tiny_model("tiny")
+    with torch.no_grad():
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones(len(batch["input_ids"]), 1, dtype=torch.long)], dim=1)
+        return backbone(input_ids=torch.full((len(batch["input_ids"]), 1), 7), attention_mask=mask,
+                        cache=out.past_key_values).logits

@@ -20,12 +20,18 @@ zero values, so zero-initialising `up` is not enough. Each layer has a per-head 
 
 With g = 1 this is exactly P-tuning v2's joint softmax over [soft tokens; real tokens]; with
 g = 0 it is the backbone bit for bit. (The paper has no gate; it does not claim an exact start.)
-The price: two attention calls per layer instead of one; decode steps stay cheap (4 more keys).
+The price: two attention calls per layer at prefill and in training. Decode steps stay cheap:
+the joint output is merged from the attention over the real keys and the soft keys' scores (see
+`_merged_joint`), with no copy of the KV cache.
 
 Mechanism: transformers' attention-function registry. attach() registers "iapt_sdpa" /
 "iapt_eager" (wrapping the original function, same mask builder) and points the model config at
 it; a forward pre-hook on each attention module computes the soft keys/values. With a KV cache the
 soft keys/values are computed at prefill (empty cache) and reused at every decode step.
+
+Several adapters can sit on one backbone: one active for every row, or one per row of a
+mixed-tenant batch (`IaptAdapter.routing`): each row's soft tokens come from its own adapter's
+generator, and its gate from that adapter (0 for the backbone's rows).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict, layers_disabled, load_named, snapshot
+from .common import RequestRows, check_tenants, config_to_dict, layers_disabled, load_named, snapshot
 from .rational import Rational, available_inits, degree_key
 
 DEFAULT = "default"
@@ -123,14 +129,23 @@ class IaptLayer(nn.Module):
     """IAPT's state in one attention module: generators and gates keyed by adapter name (several
     adapters can sit on one backbone), and the soft keys/values of the current batch."""
 
+    adapter_owned = True  # its linear layers are IAPT's, not targets for another method
+
     def __init__(self, prompt: PromptState, num_heads: int):
         super().__init__()
         self.generators = nn.ModuleDict()
         self.gates = nn.ParameterDict()
         self.num_heads = num_heads
         self.active_adapter: str | None = None
+        self.route: RequestRows | None = None  # a mixed-tenant batch: one adapter per row
         self.prompt = prompt
+        # Of the current batch, set at prefill: the soft keys/values, the gate (per row when
+        # routed), and which soft positions each row sees (None: all; routed tenants may differ
+        # in n_soft, their soft tokens are then zero-padded and the padding hidden).
         self.soft_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gate: torch.Tensor | None = None
+        self.soft_visible: torch.Tensor | None = None
+        self.decoding = False  # the KV cache holds this layer's past: the soft tokens are the prefill's
 
     def add_adapter(self, name: str, generator: SoftPromptGenerator, device=None) -> None:
         self.generators[name] = generator
@@ -142,32 +157,76 @@ def _pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
     """Compute this layer's soft keys/values before its attention runs (prefill or full forward);
     keep the prefill's ones while a KV cache already holds this layer's past."""
     layer: IaptLayer = attn.iapt
-    if layer.active_adapter is None:
-        layer.soft_kv = None
+    rows = layer.route
+    name = layer.active_adapter if rows is None else rows.single
+    if rows is None or rows.single is not None:
+        if name not in layer.generators:
+            layer.soft_kv = layer.gate = None
+            return
+    elif not any(n in layer.generators for n in rows.tenants):
+        layer.soft_kv = layer.gate = None
         return
     hidden = args[0] if args else kwargs["hidden_states"]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None and cache.get_seq_length(attn.layer_idx) > 0:
+    layer.decoding = cache is not None and cache.get_seq_length(attn.layer_idx) > 0
+    if layer.decoding:
         if layer.soft_kv is None or layer.soft_kv[0].shape[0] != hidden.shape[0]:
             raise RuntimeError("IAPT: a decode step without the soft tokens of its prefill; "
                                "start generation from the prompt (empty cache)")
         return
-    generator = layer.generators[layer.active_adapter]
-    soft = generator(hidden.float(), layer.prompt.for_hidden(hidden)).to(hidden.dtype)
+    prompt_mask = layer.prompt.for_hidden(hidden)
+    layer.soft_visible = None
+    if name is not None:
+        soft = layer.generators[name](hidden.float(), prompt_mask).to(hidden.dtype)
+        layer.gate = layer.gates[name].view(1, 1, -1, 1)  # (B, T, H, D) outputs
+    else:
+        soft, layer.gate, layer.soft_visible = _per_request(layer, rows, hidden, prompt_mask)
     layer.soft_kv = soft_keys_values(attn, soft)
 
 
+def _per_request(layer: IaptLayer, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor):
+    """Soft tokens (batch, n_soft, d), gates (batch, 1, H, 1) and soft visibility of a
+    mixed-tenant batch: each tenant's generator reads only its rows; the backbone's rows get
+    zero soft tokens and a zero gate (exactly the backbone)."""
+    rows.check_batch(hidden.shape[0])
+    tenants = [n for n in rows.tenants if n in layer.generators]
+    n_soft = {n: layer.generators[n].queries.shape[1] for n in tenants}
+    width = max(n_soft.values())
+    soft = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+    gate = layer.gates[tenants[0]].new_zeros(hidden.shape[0], layer.num_heads)
+    visible = torch.ones(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
+    for name in tenants:
+        index = rows.rows(name, hidden.device)
+        own = layer.generators[name](hidden.index_select(0, index).float(), prompt_mask.index_select(0, index))
+        soft[index, : n_soft[name]] = own.to(hidden.dtype)
+        gate[index] = layer.gates[name].to(gate.dtype)
+        visible[index, n_soft[name]:] = False
+    return soft, gate.view(-1, 1, layer.num_heads, 1), None if bool(visible.all()) else visible
+
+
 # -------------------------------------------------------------------------------- attention
-def _joint_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, n_soft: int) -> torch.Tensor:
-    """The layer's mask with n_soft always-visible columns in front (every real token, padding
-    included, sees the soft tokens). A None mask means causal over the last Tq of Tk positions."""
+def _joint_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, n_soft: int,
+                soft_visible: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's mask with n_soft columns in front that every real token (padding included)
+    sees, or, with `soft_visible` (batch, n_soft), those of its row. A None mask means causal
+    over the last Tq of Tk positions."""
     q_len, k_len = query.shape[2], key.shape[2]
     if mask is None:
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         mask = mask.expand(query.shape[0], 1, q_len, k_len)
     mask = mask[..., :k_len]
-    visible = torch.ones if mask.dtype == torch.bool else torch.zeros  # bool: True sees; float: 0 adds
-    return torch.cat([visible(*mask.shape[:-1], n_soft, dtype=mask.dtype, device=mask.device), mask], dim=-1)
+    if soft_visible is None:
+        visible = torch.ones if mask.dtype == torch.bool else torch.zeros  # bool: True sees; float: 0 adds
+        soft = visible(*mask.shape[:-1], n_soft, dtype=mask.dtype, device=mask.device)
+    else:
+        seen = soft_visible[:, None, None, :].to(mask.device)
+        if mask.dtype != torch.bool:
+            seen = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(
+                ~seen, torch.finfo(mask.dtype).min)
+        batch = max(mask.shape[0], seen.shape[0])
+        soft = seen.expand(batch, *mask.shape[1:-1], n_soft)
+        mask = mask.expand(batch, *mask.shape[1:])
+    return torch.cat([soft, mask], dim=-1)
 
 
 def _wrap(original_name: str):
@@ -176,19 +235,94 @@ def _wrap(original_name: str):
             original = sys.modules[type(module).__module__].eager_attention_forward
         else:
             original = ALL_ATTENTION_FUNCTIONS[original_name]
-        out, weights = original(module, query, key, value, attention_mask, **kwargs)
         layer = getattr(module, "iapt", None)
-        if layer is None or layer.active_adapter is None or layer.soft_kv is None:
-            return out, weights
+        if layer is None or layer.soft_kv is None or layer.gate is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
         soft_k, soft_v = layer.soft_kv
-        joint, _ = original(
-            module, query, torch.cat([soft_k, key], dim=2), torch.cat([soft_v, value], dim=2),
-            _joint_mask(attention_mask, query, key, soft_k.shape[2]), **kwargs,
-        )
-        gate = layer.gates[layer.active_adapter].to(out.dtype).view(1, 1, -1, 1)  # out: (B, T, H, D)
+        if layer.decoding and not torch.is_grad_enabled() and _mergeable(query, attention_mask, kwargs):
+            fused = _attention_with_lse(original_name, query, key, value, attention_mask, kwargs)
+            if fused is None:
+                out, weights = original(module, query, key, value, attention_mask, **kwargs)
+                real_lse = _real_lse(query, key, attention_mask, kwargs.get("scaling"))
+            else:
+                (out, real_lse), weights = fused, None
+            joint = _merged_joint(query, out, real_lse, soft_k, soft_v, layer.soft_visible, kwargs.get("scaling"))
+        else:
+            out, weights = original(module, query, key, value, attention_mask, **kwargs)
+            joint, _ = original(
+                module, query, torch.cat([soft_k, key], dim=2), torch.cat([soft_v, value], dim=2),
+                _joint_mask(attention_mask, query, key, soft_k.shape[2], layer.soft_visible), **kwargs,
+            )
+        gate = layer.gate.to(out.dtype)  # out: (B, T, H, D)
         return out + gate * (joint - out), weights
 
     return iapt_attention
+
+
+# Decode steps. The joint softmax over [soft; real] keys follows from the attention over the real
+# keys alone, `out`, and their log-sum-exp L of the scores: with s the soft keys' scores,
+#     joint = (e^L out + sum e^s v_soft) / (e^L + sum e^s),
+# so no concatenated copy of the KV cache and no second pass over it. On CPUs, PyTorch's flash
+# kernel (what SDPA runs there) returns L with the output; elsewhere L costs one q.K product.
+# Query heads are grouped by the key/value head they read (GQA, in repeat_kv's order); the
+# result equals the joint attention call up to float rounding.
+def _mergeable(query: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
+    extras = any(kwargs.get(k) for k in ("softcap", "sliding_window", "position_bias", "s_aux", "sinks"))
+    # A None mask with several query positions means causal, which L would have to follow.
+    return not extras and not kwargs.get("dropout") and (mask is not None or query.shape[2] == 1)
+
+
+def _attention_with_lse(original_name: str, query, key, value, mask, kwargs):
+    """(out (B, 1, H, D), L (B, KV, G, 1)) from one call of the CPU flash kernel, or None where
+    it does not apply (then the original attention and `_real_lse` are used)."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if (flash is None or original_name != "sdpa" or query.device.type != "cpu" or query.shape[2] != 1
+            or query.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    if mask is not None:
+        mask = mask[..., : key.shape[2]]
+        if mask.dtype == torch.bool:  # as SDPA converts it
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    try:
+        out, lse = flash(query.reshape(batch, kv_heads, heads // kv_heads, dim), key, value, 0.0, False,
+                         attn_mask=mask, scale=kwargs.get("scaling"))
+    except RuntimeError:  # a build or input this kernel refuses
+        return None
+    return out.reshape(batch, 1, heads, dim), lse.unsqueeze(-1)
+
+
+def _real_lse(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """L of the scores over the real keys, (B, KV, G*Tq, 1)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, group * q_len, dim).float()
+    scores = (q @ key.float().mT * scale).view(batch, kv_heads, group, q_len, -1)
+    if mask is not None:
+        mask = mask[..., : key.shape[2]].unsqueeze(2)  # (B, 1, 1, Tq, Tk)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.logsumexp(scores, dim=-1).view(batch, kv_heads, group * q_len, 1)
+
+
+def _merged_joint(query: torch.Tensor, out: torch.Tensor, real_lse: torch.Tensor, soft_k: torch.Tensor,
+                  soft_v: torch.Tensor, soft_visible: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """The joint attention output (B, Tq, H, D) from the real keys' `out` (B, Tq, H, D) and L."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = soft_k.shape[1]
+    scale = dim**-0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, -1, dim).float()
+    soft_scores = q @ soft_k.float().mT * scale  # (B, KV, G*Tq, S)
+    if soft_visible is not None:
+        soft_scores = soft_scores.masked_fill(~soft_visible[:, None, None, :].to(soft_scores.device), float("-inf"))
+    real_lse = real_lse.reshape(batch, kv_heads, -1, 1).float()
+    top = torch.maximum(real_lse, soft_scores.amax(dim=-1, keepdim=True))
+    real_mass, soft_mass = (real_lse - top).exp(), (soft_scores - top).exp()
+    real_out = out.transpose(1, 2).reshape(batch, kv_heads, -1, dim).float()
+    joint = (real_mass * real_out + soft_mass @ soft_v.float()) / (real_mass + soft_mass.sum(dim=-1, keepdim=True))
+    return joint.reshape(batch, heads, q_len, dim).transpose(1, 2).to(out.dtype)
 
 
 def _register(original_name: str) -> str:
@@ -268,8 +402,38 @@ class IaptAdapter:
         self.prompt.mask = prompt_mask
 
     # -- switching
+    def activate(self) -> None:
+        """Make this adapter the only one the model applies (several may share the layers;
+        layers it does not adapt apply none)."""
+        for layer in self.shared_layers():
+            layer.active_adapter = self.name if self.name in layer.generators else None
+
+    def shared_layers(self) -> list[IaptLayer]:
+        return [m for m in self.model.modules() if isinstance(m, IaptLayer)]
+
+    def tenants(self) -> list[str]:
+        """Names of every IAPT adapter on the backbone."""
+        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.generators))
+
+    @contextlib.contextmanager
+    def routing(self, names: list[str | None]):
+        """Within the context, batch row i goes through IAPT adapter names[i] (None: the
+        backbone): its soft tokens come from that adapter's generator at prefill."""
+        layers = self.shared_layers()
+        check_tenants(names, self.tenants())
+        rows = RequestRows(names)
+        for layer in layers:
+            layer.route = rows
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.route = None
+                layer.soft_kv = layer.gate = layer.soft_visible = None
+                layer.decoding = False
+
     def disabled(self) -> contextlib.AbstractContextManager:
-        return layers_disabled(self.layers.values(), self.name)
+        return layers_disabled(self.shared_layers(), self.name)
 
     def merge(self) -> None:
         raise ValueError("IAPT cannot be merged: its soft tokens depend on each prompt "

@@ -1,7 +1,9 @@
 """LoRA: h = W x + s * B A x with A (r x d_in) random, B (d_out x r) zero, s = alpha / r.
 
 Per-module tensors live in ParameterDicts keyed by adapter name, so several adapters can sit on
-one backbone (multi-tenant serving) without changing the module layout.
+one backbone (multi-tenant serving) without changing the module layout. A mixed-tenant batch
+(`LoraAdapter.routing`) gathers each row's A and B once per batch and applies them with two
+batched products per layer: the cost does not grow with the number of tenants.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict, layers_disabled, load_named, snapshot
+from .common import (RequestRows, check_tenants, check_unwrapped, config_to_dict, layers_disabled, load_named,
+                     snapshot)
 from .targets import find_targets, linear_features
 
 DEFAULT = "default"
@@ -39,8 +42,10 @@ class LoraLinear(nn.Module):
         self.ablation_gate: torch.Tensor | None = None
         self.ablation_closed = False  # ablation_gate is all zero
         self.ablation_slots: torch.Tensor | None = None  # columns of ablation_gate: these slots
-        # Mixed-tenant batches: the adapter name of each batch row (None: the backbone alone).
-        self.request_adapters: list[str | None] | None = None
+        # Mixed-tenant batches: the adapter of each batch row, and each row's (A, B, scale)
+        # gathered at the first forward of the routing context.
+        self.route: RequestRows | None = None
+        self._routed: tuple[RequestRows, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged: list[str] = []
@@ -82,10 +87,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if self.request_adapters is not None:
-            return out + self._per_request(x).to(out.dtype)
         name = self.active_adapter
-        if name is None or name in self.merged:
+        if self.route is not None:
+            if not self.route.tenants:
+                return out  # every row on the backbone
+            if self.route.single is None:
+                return out + self._per_request(x).to(out.dtype)
+            name = self.route.single  # every row on one adapter: the plain path
+        if name is None or name in self.merged or name not in self.lora_A:
             return out
         A, B = self.lora_A[name], self.lora_B[name]
         if self.ablation_gate is not None:
@@ -96,24 +105,39 @@ class LoraLinear(nn.Module):
         return out + (F.linear(self._gated(F.linear(h, A), name), B) * self.scaling[name]).to(out.dtype)
 
     def _per_request(self, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter: the rows of one adapter are gathered and go
-        through its two small products together (unmerged LoRA's cost per tenant)."""
-        if len(self.request_adapters) != x.shape[0]:
-            raise ValueError(f"{len(self.request_adapters)} request adapters for a batch of {x.shape[0]} rows")
-        delta = torch.zeros(*x.shape[:-1], self.out_features, device=x.device)
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(self.request_adapters):
-            if name is not None and name not in self.merged:
-                rows.setdefault(name, []).append(i)
-        for name, idx in rows.items():
-            if name not in self.lora_A:
-                raise ValueError(f"no adapter named {name!r} on this model (have: {', '.join(self.lora_A)})")
-            index = torch.tensor(idx, device=x.device)
-            h = F.linear(x.index_select(0, index).to(self.lora_A[name].dtype), self.lora_A[name])
+        """Each batch row through its own adapter: x_i A_i^T, then B_i, as two batched products
+        over rows (inference only: dropout off, no gradient to the adapters)."""
+        rows = self.route
+        rows.check_batch(x.shape[0])
+        if self._routed is None or self._routed[0] is not rows:
+            self._routed = (rows, *self._gather(rows, x.device))
+        _, A, B, scale = self._routed
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
+        delta = torch.bmm(torch.bmm(flat, A.mT), B.mT) * scale
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def _gather(self, rows: RequestRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's A (batch, r, in) with its gate folded in, B (batch, out, r) and scale
+        (batch, 1, 1): the tenants stacked behind a zero slot (the backbone's rows, and tenants
+        that do not adapt this layer), ranks zero-padded to the largest, then indexed per row."""
+        tenants = [n if n in self.lora_A else None for n in rows.tenants]
+        r = max([self.lora_A[n].shape[0] for n in tenants if n is not None], default=1)
+        dtype = next((self.lora_A[n].dtype for n in tenants if n is not None), torch.float32)
+        A = torch.zeros(len(tenants) + 1, r, self.in_features, device=device, dtype=dtype)
+        B = torch.zeros(len(tenants) + 1, self.out_features, r, device=device, dtype=dtype)
+        scale = torch.zeros(len(tenants) + 1, device=device, dtype=dtype)
+        for slot, name in enumerate(tenants, start=1):
+            if name is None:
+                continue
+            a = self.lora_A[name]
             if name in self.lora_gate:
-                h = h * self.lora_gate[name]
-            delta.index_copy_(0, index, F.linear(h, self.lora_B[name]) * self.scaling[name])
-        return delta
+                a = a * self.lora_gate[name][:, None]  # 0/1 per rank: exact either way
+            A[slot, : a.shape[0]] = a
+            B[slot, :, : a.shape[0]] = self.lora_B[name]
+            scale[slot] = self.scaling[name]
+        slot = rows.slot.to(device)
+        return A.index_select(0, slot), B.index_select(0, slot), scale.index_select(0, slot).view(-1, 1, 1)
 
     def _base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -217,24 +241,40 @@ class LoraAdapter:
 
     # -- switching
     def activate(self) -> None:
-        """Make this adapter the one its layers apply (several may share the layers)."""
-        for layer in self.layers.values():
-            layer.active_adapter = self.name
+        """Make this adapter the only one the model applies (several may share the layers;
+        layers it does not adapt apply none)."""
+        for layer in self.shared_layers():
+            layer.active_adapter = self.name if self.name in layer.lora_A else None
+
+    def shared_layers(self) -> list[LoraLinear]:
+        """Every LoRA layer of the backbone, whichever adapter (LoRA or ALoRA) put it there."""
+        return [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+
+    def tenants(self) -> list[str]:
+        """Names of every LoRA-family adapter on the backbone."""
+        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.lora_A))
 
     @contextlib.contextmanager
     def routing(self, names: list[str | None]):
         """Within the context, batch row i goes through adapter names[i] (None: the backbone)
-        on every layer these adapters share: one batch, many tenants."""
-        for layer in self.layers.values():
-            layer.request_adapters = list(names)
+        on every LoRA layer of the backbone: one batch, many tenants. Inference only."""
+        layers = self.shared_layers()
+        check_tenants(names, self.tenants())
+        merged = sorted({n for layer in layers for n in layer.merged})
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the backbone weights, so every row "
+                             "would get them; unmerge them before routing requests")
+        rows = RequestRows(names)
+        for layer in layers:
+            layer.route = rows
         try:
             yield
         finally:
-            for layer in self.layers.values():
-                layer.request_adapters = None
+            for layer in layers:
+                layer.route, layer._routed = None, None
 
     def disabled(self) -> contextlib.AbstractContextManager:
-        return layers_disabled(self.layers.values(), self.name)
+        return layers_disabled(self.shared_layers(), self.name)
 
     def merge(self) -> None:
         for layer in self.layers.values():
@@ -276,6 +316,7 @@ class LoraMethod:
     def inject(self, model: nn.Module, adapter_name: str, r: int) -> dict[str, LoraLinear]:
         """Freeze the backbone and give every target module a rank-r adapter `adapter_name`."""
         names = find_targets(model, self.cfg.targets)
+        check_unwrapped(model, names, LoraLinear, self.name)
         freeze(model)
         layers: dict[str, LoraLinear] = {}
         for name in names:

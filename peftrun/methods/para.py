@@ -20,12 +20,14 @@ child per decoder layer, which holds the trainable tensors):
   KV cache yet: training, dev loss, the first step of `generate`, every step of a generation
   without cache) or a decode step (the cache holds earlier positions);
 * at a prefill, a pre-hook on each decoder layer computes the vectors from the prompt mask
-  given to `set_prompt_mask` and keeps them (one row per sequence);
-* at a decode step the kept vectors are reused: no generator runs, only the multiplies;
-* a forward hook on each targeted projection multiplies its output by the vectors.
+  given to `set_prompt_mask`, and from them each targeted projection's multiplier (one row per
+  sequence), and keeps them;
+* at a decode step the kept multipliers are reused: no generator runs, only the multiplies;
+* a forward hook on each targeted projection multiplies its output by its multiplier.
 
 Generator tensors live in ParameterDicts keyed by adapter name, so several PARA adapters can sit
-on one backbone (one active at a time for now).
+on one backbone: one active for every row, or one per row of a mixed-tenant batch
+(`ParaAdapter.routing`: each row's vectors come from its own adapter's generator at prefill).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import config_to_dict, load_named, snapshot
+from .common import RequestRows, check_tenants, config_to_dict, load_named, snapshot
 from .pooling import POOLINGS, check_mask, pool
 from .targets import linear_features
 
@@ -166,7 +168,9 @@ class ParaGenerator(nn.Module):
         self.activation: dict[str, str] = {}
         self.segments: dict[str, dict[str, list[Segment]]] = {}
         self.out_features: dict[str, int] = {}
-        self.vectors: torch.Tensor | None = None  # (batch, width) of the current prompts
+        self.vectors: torch.Tensor | None = None  # (batch, width) of the current prompts (one adapter)
+        # Module path -> (batch, out_features) multiplier of its output for the current prompts.
+        self.scales: dict[str, torch.Tensor] | None = None
 
     def add_adapter(self, name: str, plan: LayerPlan, hidden_size: int, cfg: Any, device) -> None:
         if name in self.down:
@@ -192,29 +196,43 @@ class ParaGenerator(nn.Module):
         pooled = pool(z, prompt_mask, self.pooling[name], self.query[name] if name in self.query else None)
         return 1.0 + F.linear(ACTIVATIONS[self.activation[name]](pooled), self.up[name])
 
-    def scale(self, name: str, path: str, batch: int) -> torch.Tensor | None:
-        """The (batch, out_features) multiplier of module `path`'s output, or None when the
-        adapter does not touch it. Unscaled columns (GPT-2's k slice) get ones."""
-        segments = self.segments.get(name, {}).get(path)
-        if not segments:
-            return None
-        vectors = self.vectors
-        if vectors is None:
-            raise RuntimeError("PARA has no vectors for this forward: the layer's prefill did not run")
-        if vectors.shape[0] != batch:
-            raise RuntimeError(
-                f"PARA vectors were computed for {vectors.shape[0]} sequences, this forward has {batch}; "
-                "call adapter.set_prompt_mask with the new batch's prompt mask"
-            )
-        pieces, pos = [], 0
-        for s in segments:
-            if s.start > pos:
-                pieces.append(vectors.new_ones(batch, s.start - pos))
-            pieces.append(vectors[:, s.offset : s.offset + s.end - s.start])
-            pos = s.end
-        if pos < self.out_features[path]:
-            pieces.append(vectors.new_ones(batch, self.out_features[path] - pos))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    def multipliers(self, name: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s (batch, width) vectors as a (batch, out_features) multiplier per
+        module it scales. Unscaled columns (GPT-2's k slice) get ones."""
+        out = {}
+        batch = vectors.shape[0]
+        for path, segments in self.segments.get(name, {}).items():
+            pieces, pos = [], 0
+            for s in segments:
+                if s.start > pos:
+                    pieces.append(vectors.new_ones(batch, s.start - pos))
+                pieces.append(vectors[:, s.offset : s.offset + s.end - s.start])
+                pos = s.end
+            if pos < self.out_features[path]:
+                pieces.append(vectors.new_ones(batch, self.out_features[path] - pos))
+            out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        return out
+
+    def prefill(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """One adapter for every row: compute and keep the vectors and multipliers."""
+        self.vectors = self(name, hidden, prompt_mask)
+        self.scales = self.multipliers(name, self.vectors)
+
+    def prefill_per_request(self, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Row i through adapter rows.names[i]: each tenant's generator reads only its rows; the
+        backbone's rows (and rows of adapters this layer does not hold) get multipliers of 1."""
+        self.vectors = None  # the widths may differ between tenants
+        scales: dict[str, torch.Tensor] = {}
+        for name in rows.tenants:
+            if name not in self.down:
+                continue
+            index = rows.rows(name, hidden.device)
+            vectors = self(name, hidden.index_select(0, index), prompt_mask.index_select(0, index))
+            for path, m in self.multipliers(name, vectors).items():
+                if path not in scales:
+                    scales[path] = m.new_ones(hidden.shape[0], self.out_features[path])
+                scales[path] = scales[path].index_copy(0, index, m)
+        self.scales = scales
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -224,6 +242,7 @@ class ParaRuntime:
 
     def __init__(self) -> None:
         self.active: str | None = None
+        self.route: RequestRows | None = None  # a mixed-tenant batch: one adapter per row
         self.prompt_mask: torch.Tensor | None = None  # as given to set_prompt_mask
         self.forward_mask: torch.Tensor | None = None  # fitted to the current forward's batch
         self.prefill = False
@@ -234,11 +253,15 @@ class ParaRuntime:
         self.prompt_mask = mask
         self.forward_mask = None
         for generator in self.generators:  # vectors belong to the previous prompts
-            generator.vectors = None
+            generator.vectors = generator.scales = None
+
+    def applies(self) -> bool:
+        """Whether this forward uses any PARA adapter."""
+        return bool(self.route.tenants) if self.route is not None else self.active is not None
 
     # -- hooks
     def before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.active is None:
+        if not self.applies():
             return
         inputs = kwargs.get("input_ids")
         if inputs is None:
@@ -256,6 +279,8 @@ class ParaRuntime:
                 "PARA needs to know the prompt: call adapter.set_prompt_mask(prompt_mask) before the forward"
             )
         batch, seq = inputs.shape[0], inputs.shape[1]
+        if self.route is not None:
+            self.route.check_batch(batch)
         if seq < mask.shape[1]:
             raise RuntimeError(
                 f"the prompt mask is {mask.shape[1]} tokens wide but the input only {seq}; "
@@ -276,25 +301,34 @@ class ParaRuntime:
         self.forward_mask = mask
 
     def before_layer(self, generator: ParaGenerator, args: tuple, kwargs: dict) -> None:
-        name = self.active
-        if name is None or name not in generator.down:
+        if not self.applies():
             return
+        name = self.active if self.route is None else self.route.single
         if self.prefill:
             hidden = args[0] if args else kwargs["hidden_states"]
-            generator.vectors = generator(name, hidden, self.forward_mask)
-        elif generator.vectors is None:
+            if name is None:
+                generator.prefill_per_request(self.route, hidden, self.forward_mask)
+            elif name in generator.down:
+                generator.prefill(name, hidden, self.forward_mask)
+            else:
+                generator.vectors, generator.scales = None, {}
+        elif generator.scales is None:
             raise RuntimeError(
                 "PARA got a decode step with no vectors from a prefill; call adapter.set_prompt_mask "
                 "and run the prompt first"
             )
 
     def after_projection(self, generator: ParaGenerator, path: str, output: torch.Tensor) -> torch.Tensor:
-        name = self.active
-        if name is None or name not in generator.down:
+        if not self.applies():
             return output
-        scale = generator.scale(name, path, output.shape[0])
+        scale = generator.scales.get(path) if generator.scales is not None else None
         if scale is None:
             return output
+        if scale.shape[0] != output.shape[0]:
+            raise RuntimeError(
+                f"PARA vectors were computed for {scale.shape[0]} sequences, this forward has {output.shape[0]}; "
+                "call adapter.set_prompt_mask with the new batch's prompt mask"
+            )
         shape = (output.shape[0],) + (1,) * (output.dim() - 2) + (output.shape[-1],)
         return output * scale.view(shape).to(output.dtype)
 
@@ -367,14 +401,35 @@ class ParaAdapter:
         return {layer: gen.vectors for layer, gen in self.generators.items()}
 
     # -- switching
+    def activate(self) -> None:
+        """Make this adapter the one every row uses (several may share the backbone)."""
+        self.runtime.active = self.name
+
+    def tenants(self) -> list[str]:
+        """Names of every PARA adapter on the backbone."""
+        return list(dict.fromkeys(n for g in self.runtime.generators for n in g.down))
+
     @contextlib.contextmanager
-    def disabled(self):
-        saved = self.runtime.active
-        self.runtime.active = None
+    def routing(self, names: list[str | None]):
+        """Within the context, batch row i goes through PARA adapter names[i] (None: the
+        backbone): its vectors come from that adapter's generator at prefill."""
+        check_tenants(names, self.tenants())
+        self.runtime.route = RequestRows(names)
         try:
             yield
         finally:
-            self.runtime.active = saved
+            self.runtime.route = None
+            for generator in self.runtime.generators:
+                generator.vectors = generator.scales = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        saved = self.runtime.active, self.runtime.route
+        self.runtime.active = self.runtime.route = None
+        try:
+            yield
+        finally:
+            self.runtime.active, self.runtime.route = saved
 
     def merge(self) -> None:
         raise ValueError(

@@ -35,10 +35,12 @@ def find_targets(model: nn.Module, targets: Any, key: str = "method.targets") ->
     """Names of the linear modules selected by `targets`: "all-linear" (all but the output
     head), a list of module-name suffixes, or a regular expression over full names."""
     heads = output_head_names(model)
+    # Another adapter's own layers (IAPT's generators) are not the backbone's to adapt.
+    owned = tuple(f"{name}." for name, m in model.named_modules() if getattr(m, "adapter_owned", False))
     linears = [
         name
         for name, m in model.named_modules()
-        if is_linear(m) and name not in heads and not name.endswith(".base_layer")
+        if is_linear(m) and name not in heads and not name.endswith(".base_layer") and not name.startswith(owned)
     ]
     if isinstance(targets, str) and targets == ALL_LINEAR:
         chosen = linears

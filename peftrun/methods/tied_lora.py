@@ -12,12 +12,17 @@ Per layer this is an ordinary LoRA (A' = u*A, B' = v*B), so it merges into W and
 Hugging Face PEFT LoRA adapter. The flags (train, tie, init for A and B; train, init for u and v)
 reach every freeze pattern of the family; presets fill them (see PRESETS and the rules in
 `resolve_flags`).
+
+Several adapters can sit on one backbone, and a mixed-tenant batch (`TiedLoraAdapter.routing`)
+gathers each row's A, u, B, v once per batch (a tied tensor once for every layer) and applies
+them with batched products.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -29,7 +34,8 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError
 from ..models import output_head_names
 from .base import freeze, unique_parameters
-from .common import config_to_dict, layers_disabled, load_named, snapshot
+from .common import (RequestRows, check_tenants, check_unwrapped, config_to_dict, layers_disabled, load_named,
+                     snapshot)
 from .targets import find_targets, is_linear, linear_features
 
 DEFAULT = "default"
@@ -225,6 +231,49 @@ class TiedLoraBlock(nn.Module):
         return F.linear(F.linear(h, self.A) * self.u, self.B) * self.v
 
 
+class TiedRouting:
+    """One mixed-tenant batch on one backbone: the row-gathered tensors, shared by every layer
+    (keyed by the identities of the tenants' tensors, so a tied A or B is gathered once), and
+    each group's input product x A^T * u, computed once for its q, k and v."""
+
+    def __init__(self, rows: RequestRows):
+        self.rows = rows
+        self.gathered: dict[tuple, torch.Tensor] = {}
+        self.products: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def gather(self, kind: str, key: tuple, tensors: list[torch.Tensor | None], width: int, device) -> torch.Tensor:
+        """Row i's tensor of kind "A" (r, in), "u" (r,), "B" (out, r) or "v" (out,): the
+        tenants' tensors behind a zero slot, the rank axis zero-padded to `width`, per row.
+        `key` names the tensors stably (a tied tensor has one key in every layer)."""
+        key = (kind, width, key)
+        if key not in self.gathered:
+            real = [t for t in tensors if t is not None]
+            shape = list(real[0].shape)
+            rank_axis = 1 if kind == "B" else 0
+            if kind != "v":  # v has no rank axis
+                shape[rank_axis] = width
+            stack = torch.zeros(len(tensors) + 1, *shape, device=device, dtype=real[0].dtype)
+            for slot, t in enumerate(tensors, start=1):
+                if t is not None:
+                    stack[slot].narrow(rank_axis, 0, t.shape[rank_axis]).copy_(t)
+            self.gathered[key] = stack.index_select(0, self.rows.slot.to(device))
+        return self.gathered[key]
+
+    def product(self, x: torch.Tensor, A: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(x A_i^T) * u_i per row i, (batch, tokens, r); reused while the same input comes back
+        (q, k and v read one tensor). The input is held weakly: no activations are kept."""
+        key = (id(A), id(u))
+        version = 0 if x.is_inference() else x._version
+        cached = self.products.get(key)
+        if cached is not None and cached[0]() is x and cached[1] == version:
+            return cached[2]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
+        h = torch.bmm(flat, A.mT) * u[:, None, :]
+        self.products[key] = (weakref.ref(x), version, h)
+        return h
+
+
 class TiedLoraLinear(nn.Module):
     """Wraps a frozen linear-like layer; per adapter name, the block it reads and its slice of
     the block's output."""
@@ -237,6 +286,8 @@ class TiedLoraLinear(nn.Module):
         self.slices: dict[str, tuple[int, int]] = {}
         self.active_adapter: str | None = None
         self.merged: list[str] = []
+        self.route: TiedRouting | None = None  # a mixed-tenant batch, see TiedLoraAdapter.routing
+        self._routed: tuple[TiedRouting, tuple[torch.Tensor, ...] | None] | None = None
 
     def add_adapter(self, name: str, block: TiedLoraBlock, start: int) -> None:
         self.tied_lora[name] = block
@@ -246,10 +297,51 @@ class TiedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
-        if name is None or name in self.merged:
+        if self.route is not None:
+            if not self.route.rows.tenants:
+                return out  # every row on the backbone
+            if self.route.rows.single is None:
+                return out + self._per_request(x).to(out.dtype)
+            name = self.route.rows.single  # every row on one adapter: the plain path
+        if name is None or name in self.merged or name not in self.tied_lora:
             return out
         start, end = self.slices[name]
         return out + self.tied_lora[name].update(x)[..., start:end].to(out.dtype)
+
+    def _per_request(self, x: torch.Tensor) -> torch.Tensor:
+        """v_i * (B_i (u_i * (A_i x))) for each row i with its own adapter's tensors (this
+        module's slice of B and v), as batched products (inference only: no dropout)."""
+        route = self.route
+        route.rows.check_batch(x.shape[0])
+        if self._routed is None or self._routed[0] is not route:
+            self._routed = (route, self._gather(route, x.device))
+        factors = self._routed[1]
+        if factors is None:  # no tenant of this batch adapts this module
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        A, u, B, v = factors
+        delta = torch.bmm(route.product(x, A, u), B.mT) * v[:, None, :]
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _gather(self, route: TiedRouting, device) -> tuple[torch.Tensor, ...] | None:
+        """Each row's A, u, and this module's slices of B and v (zeros: the backbone's rows)."""
+        tenants = [n if n in self.tied_lora else None for n in route.rows.tenants]
+        blocks = [self.tied_lora[n] if n is not None else None for n in tenants]
+        if all(b is None for b in blocks):
+            return None
+        r = max(b.A.shape[0] for b in blocks if b is not None)
+        slices = [self.slices[n] if n is not None else None for n in tenants]
+
+        def key(c: str, sliced: bool = False) -> tuple:
+            return tuple((id(getattr(b, c)), sl if sliced else None) if b is not None else None
+                         for b, sl in zip(blocks, slices))
+
+        def part(c: str, sliced: bool = False) -> list[torch.Tensor | None]:
+            return [(getattr(b, c)[sl[0]:sl[1]] if sliced else getattr(b, c)) if b is not None else None
+                    for b, sl in zip(blocks, slices)]
+
+        return (route.gather("A", key("A"), part("A"), r, device), route.gather("u", key("u"), part("u"), r, device),
+                route.gather("B", key("B", True), part("B", True), r, device),
+                route.gather("v", key("v", True), part("v", True), r, device))
 
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B'[slice]) of this module: a standard LoRA with scale 1."""
@@ -357,12 +449,44 @@ class TiedLoraAdapter:
     def callbacks(self) -> list[Any]:
         return []
 
+    # -- switching
+    def activate(self) -> None:
+        """Make this adapter the only one the model applies (several may share the layers;
+        layers it does not adapt apply none)."""
+        for layer in self.shared_layers():
+            layer.active_adapter = self.name if self.name in layer.tied_lora else None
+
+    def shared_layers(self) -> list[TiedLoraLinear]:
+        return [m for m in self.model.modules() if isinstance(m, TiedLoraLinear)]
+
+    def tenants(self) -> list[str]:
+        """Names of every Tied-LoRA adapter on the backbone."""
+        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.tied_lora))
+
+    @contextlib.contextmanager
+    def routing(self, names: list[str | None]):
+        """Within the context, batch row i goes through Tied-LoRA adapter names[i] (None: the
+        backbone) on every Tied-LoRA layer of the backbone. Inference only."""
+        layers = self.shared_layers()
+        check_tenants(names, self.tenants())
+        merged = sorted({n for layer in layers for n in layer.merged})
+        if merged:
+            raise ValueError(f"adapter(s) {merged} are merged into the backbone weights, so every row "
+                             "would get them; unmerge them before routing requests")
+        route = TiedRouting(RequestRows(names))
+        for layer in layers:
+            layer.route = route
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.route, layer._routed = None, None
+
     def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
         pass  # not prompt-aware
 
-    # -- switching
     def disabled(self) -> contextlib.AbstractContextManager:
-        return layers_disabled(self.layers.values(), self.name)
+        return layers_disabled(self.shared_layers(), self.name)
 
     def merge(self) -> None:
         for layer in self.layers.values():
@@ -409,6 +533,7 @@ class TiedLoraMethod:
     def attach(self, model: nn.Module, adapter_name: str = DEFAULT) -> TiedLoraAdapter:
         flags = self.check_config()
         groups = find_groups(model, self.cfg.targets)
+        check_unwrapped(model, [m for g in groups for m in g.members], TiedLoraLinear, self.name)
         freeze(model)
         r = int(self.cfg.r)
         shared: dict[tuple[str, str], nn.Parameter] = {}  # (kind, "A"|"B") -> the tied tensor
