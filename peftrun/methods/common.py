@@ -103,6 +103,31 @@ class RequestRows:
         return self._rows[key]
 
 
+def adapter_layers(model: Any, layer_type: type) -> list[Any]:
+    """Every layer of `layer_type` on the backbone, whichever adapter of the method put it there."""
+    return [m for m in model.modules() if isinstance(m, layer_type)]
+
+
+def activate_only(layers: Iterable[Any], name: str, held: str) -> None:
+    """Make adapter `name` the only one these layers apply; a layer that does not hold it (in
+    its `held` dict) applies none."""
+    for layer in layers:
+        layer.active_adapter = name if name in getattr(layer, held) else None
+
+
+def layer_tenants(layers: Iterable[Any], held: str) -> list[str]:
+    """Names of every adapter the layers hold (in their `held` dicts), first seen first."""
+    return list(dict.fromkeys(n for layer in layers for n in getattr(layer, held)))
+
+
+def check_unmerged(layers: Iterable[Any]) -> None:
+    """Refuse routing while an adapter is merged into the weights: every row would get it."""
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise ValueError(f"adapter(s) {merged} are merged into the backbone weights, so every row "
+                         "would get them; unmerge them before routing requests")
+
+
 def check_tenants(names: Iterable[str | None], known: Iterable[str]) -> None:
     """Refuse a request naming an adapter this backbone does not hold."""
     known = list(known)

@@ -47,7 +47,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import RequestRows, check_tenants, config_to_dict, layers_disabled, load_named, snapshot
+from .common import (RequestRows, activate_only, adapter_layers, check_tenants, config_to_dict, layer_tenants,
+                     layers_disabled, load_named, snapshot)
 from .rational import Rational, available_inits, degree_key
 
 DEFAULT = "default"
@@ -405,22 +406,21 @@ class IaptAdapter:
     def activate(self) -> None:
         """Make this adapter the only one the model applies (several may share the layers;
         layers it does not adapt apply none)."""
-        for layer in self.shared_layers():
-            layer.active_adapter = self.name if self.name in layer.generators else None
+        activate_only(self.shared_layers(), self.name, "generators")
 
     def shared_layers(self) -> list[IaptLayer]:
-        return [m for m in self.model.modules() if isinstance(m, IaptLayer)]
+        return adapter_layers(self.model, IaptLayer)
 
     def tenants(self) -> list[str]:
         """Names of every IAPT adapter on the backbone."""
-        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.generators))
+        return layer_tenants(self.shared_layers(), "generators")
 
     @contextlib.contextmanager
     def routing(self, names: list[str | None]):
         """Within the context, batch row i goes through IAPT adapter names[i] (None: the
         backbone): its soft tokens come from that adapter's generator at prefill."""
         layers = self.shared_layers()
-        check_tenants(names, self.tenants())
+        check_tenants(names, layer_tenants(layers, "generators"))
         rows = RequestRows(names)
         for layer in layers:
             layer.route = rows

@@ -19,8 +19,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from .base import freeze, unique_parameters
-from .common import (RequestRows, check_tenants, check_unwrapped, config_to_dict, layers_disabled, load_named,
-                     snapshot)
+from .common import (RequestRows, activate_only, adapter_layers, check_tenants, check_unmerged, check_unwrapped,
+                     config_to_dict, layer_tenants, layers_disabled, load_named, snapshot)
 from .targets import find_targets, linear_features
 
 DEFAULT = "default"
@@ -243,27 +243,23 @@ class LoraAdapter:
     def activate(self) -> None:
         """Make this adapter the only one the model applies (several may share the layers;
         layers it does not adapt apply none)."""
-        for layer in self.shared_layers():
-            layer.active_adapter = self.name if self.name in layer.lora_A else None
+        activate_only(self.shared_layers(), self.name, "lora_A")
 
     def shared_layers(self) -> list[LoraLinear]:
         """Every LoRA layer of the backbone, whichever adapter (LoRA or ALoRA) put it there."""
-        return [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+        return adapter_layers(self.model, LoraLinear)
 
     def tenants(self) -> list[str]:
         """Names of every LoRA-family adapter on the backbone."""
-        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.lora_A))
+        return layer_tenants(self.shared_layers(), "lora_A")
 
     @contextlib.contextmanager
     def routing(self, names: list[str | None]):
         """Within the context, batch row i goes through adapter names[i] (None: the backbone)
         on every LoRA layer of the backbone: one batch, many tenants. Inference only."""
         layers = self.shared_layers()
-        check_tenants(names, self.tenants())
-        merged = sorted({n for layer in layers for n in layer.merged})
-        if merged:
-            raise ValueError(f"adapter(s) {merged} are merged into the backbone weights, so every row "
-                             "would get them; unmerge them before routing requests")
+        check_tenants(names, layer_tenants(layers, "lora_A"))
+        check_unmerged(layers)
         rows = RequestRows(names)
         for layer in layers:
             layer.route = rows

@@ -34,8 +34,8 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import ConfigError
 from ..models import output_head_names
 from .base import freeze, unique_parameters
-from .common import (RequestRows, check_tenants, check_unwrapped, config_to_dict, layers_disabled, load_named,
-                     snapshot)
+from .common import (RequestRows, activate_only, adapter_layers, check_tenants, check_unmerged, check_unwrapped,
+                     config_to_dict, layer_tenants, layers_disabled, load_named, snapshot)
 from .targets import find_targets, is_linear, linear_features
 
 DEFAULT = "default"
@@ -453,26 +453,22 @@ class TiedLoraAdapter:
     def activate(self) -> None:
         """Make this adapter the only one the model applies (several may share the layers;
         layers it does not adapt apply none)."""
-        for layer in self.shared_layers():
-            layer.active_adapter = self.name if self.name in layer.tied_lora else None
+        activate_only(self.shared_layers(), self.name, "tied_lora")
 
     def shared_layers(self) -> list[TiedLoraLinear]:
-        return [m for m in self.model.modules() if isinstance(m, TiedLoraLinear)]
+        return adapter_layers(self.model, TiedLoraLinear)
 
     def tenants(self) -> list[str]:
         """Names of every Tied-LoRA adapter on the backbone."""
-        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.tied_lora))
+        return layer_tenants(self.shared_layers(), "tied_lora")
 
     @contextlib.contextmanager
     def routing(self, names: list[str | None]):
         """Within the context, batch row i goes through Tied-LoRA adapter names[i] (None: the
         backbone) on every Tied-LoRA layer of the backbone. Inference only."""
         layers = self.shared_layers()
-        check_tenants(names, self.tenants())
-        merged = sorted({n for layer in layers for n in layer.merged})
-        if merged:
-            raise ValueError(f"adapter(s) {merged} are merged into the backbone weights, so every row "
-                             "would get them; unmerge them before routing requests")
+        check_tenants(names, layer_tenants(layers, "tied_lora"))
+        check_unmerged(layers)
         route = TiedRouting(RequestRows(names))
         for layer in layers:
             layer.route = route
