@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Hashable, Optional, Protocol, TypeVar, runtime_checkable
 
 from peftrun.errors import ConfigError
 
 SPLITS = ("train", "dev", "test")
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,3 +58,54 @@ def cap(examples: list[Example], split: str, cfg) -> list[Example]:
     """Apply max_train_samples to train and max_eval_samples to dev/test (first N, in order)."""
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     return examples if limit is None else examples[:limit]
+
+
+def check_counts(cfg) -> None:
+    """The split sizes of a generated task: counts >= 0."""
+    for key in ("num_train", "num_dev", "num_test"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"task.{key}", f"is {getattr(cfg, key)}; use a count >= 0")
+
+
+def distinct(draw: Callable[[], T], count: int, key: Callable[[T], Hashable] = lambda x: x) -> list[T]:
+    """`count` draws with distinct keys, in drawing order (so a shorter request is a prefix of a
+    longer one). The caller makes sure enough distinct values exist."""
+    seen: set = set()
+    out: list[T] = []
+    while len(out) < count:
+        item = draw()
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            out.append(item)
+    return out
+
+
+def generated_splits(examples: list[Example], cfg, prefix: str) -> dict[str, list[Example]]:
+    """Cut one stream of distinct generated examples into test, dev, then train (in that order,
+    so changing num_train never changes dev or test) and give each its id."""
+    splits, start = {}, 0
+    for split in ("test", "dev", "train"):
+        size = getattr(cfg, f"num_{split}")
+        splits[split] = examples[start:start + size]
+        start += size
+        for k, ex in enumerate(splits[split]):
+            ex.id = f"{prefix}-{split}-{k}"
+    return splits
+
+
+class BuiltOnce:
+    """`examples(split)` for a task that builds its three splits together (`_build`), on first
+    use, and serves them capped by max_train_samples / max_eval_samples."""
+
+    cfg: Any
+    _splits: Optional[dict[str, list[Example]]] = None
+
+    def _build(self) -> dict[str, list[Example]]:
+        raise NotImplementedError
+
+    def examples(self, split: str) -> list[Example]:
+        check_split(split)
+        if self._splits is None:
+            self._splits = self._build()
+        return cap(self._splits[split], split, self.cfg)

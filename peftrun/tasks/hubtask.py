@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from peftrun.errors import ConfigError
-from peftrun.tasks.base import Example, cap, check_limits, check_split
+from peftrun.tasks.base import BuiltOnce, Example, check_limits
 from peftrun.tasks.hub import check_hub, load_records, local_hint, normalize_data_files
 from peftrun.tasks.splits import RECIPES, make_splits
 
 PEEK_RECORDS = 20  # records per split that validate() renders
 
 
-class HubTask:
+class HubTask(BuiltOnce):
     name = "hub"
     primary_metric = "exact_match"
     # Fields a record must carry in the Hub schema (for the error message on a wrong file).
@@ -31,7 +31,6 @@ class HubTask:
             raise ConfigError("task.split_recipe", f"unknown recipe {cfg.split_recipe!r}; use "
                                                    f"{' or '.join(RECIPES)}")
         self.files = normalize_data_files(cfg.data_files)
-        self._splits: dict[str, list[Example]] | None = None
 
     # ----------------------------------------------------------------- what a subclass says
     def fields(self, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -132,12 +131,6 @@ class HubTask:
         for split in ("dev", "test"):
             splits[split] = self.finish_eval(splits[split])
         return splits
-
-    def examples(self, split: str) -> list[Example]:
-        check_split(split)
-        if self._splits is None:
-            self._splits = self._build()
-        return cap(self._splits[split], split, self.cfg)
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         return self.metrics(predictions, [ex.references for ex in examples])

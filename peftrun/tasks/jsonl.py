@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from peftrun.errors import ConfigError
-from peftrun.tasks.base import Example, cap, check_limits, check_split
+from peftrun.tasks.base import BuiltOnce, Example, check_limits
 from peftrun.tasks.metrics import METRICS, mean_score
 
 DEV_FRACTION = 0.1  # held out of train when no dev_file is given
@@ -73,7 +73,7 @@ def render(template: str, key: str, record: dict, lineno: int, path: Path) -> st
                                f"of {path} ({e}); escape literal braces as {{{{ and }}}}")
 
 
-class JsonlTask:
+class JsonlTask(BuiltOnce):
     name = "jsonl"
 
     def __init__(self, cfg):
@@ -91,7 +91,6 @@ class JsonlTask:
         if self.files["train"] is None:
             raise ConfigError("task.train_file", "is not set; give a path to a .jsonl file, "
                                                  "e.g. task.train_file=data/train.jsonl")
-        self._splits: dict[str, list[Example]] | None = None
 
     def _given(self) -> list[tuple[str, Path]]:
         return [(s, p) for s, p in self.files.items() if p is not None]
@@ -133,12 +132,6 @@ class JsonlTask:
             train = [ex for i, ex in enumerate(train) if i not in held]
         test = self._load("test") if self.files["test"] is not None else dev
         return {"train": train, "dev": dev, "test": test}
-
-    def examples(self, split: str) -> list[Example]:
-        check_split(split)
-        if self._splits is None:
-            self._splits = self._build()
-        return cap(self._splits[split], split, self.cfg)
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         refs = [ex.references for ex in examples]

@@ -11,7 +11,7 @@ import random
 from typing import Callable
 
 from peftrun.errors import ConfigError
-from peftrun.tasks.base import Example, cap, check_limits, check_split
+from peftrun.tasks.base import BuiltOnce, Example, check_counts, check_limits, distinct, generated_splits
 from peftrun.tasks.metrics import exact_match, mean_score
 
 OPS: dict[str, Callable[[list[int]], str]] = {
@@ -30,7 +30,7 @@ def render(op: str, digits: list[int]) -> Example:
     return Example(prompt=f"{op} {text}=", target=OPS[op](digits))
 
 
-class ToyTask:
+class ToyTask(BuiltOnce):
     name = "toy"
     primary_metric = "exact_match"
 
@@ -49,9 +49,7 @@ class ToyTask:
             raise ConfigError("task.ops", f"lists an op twice ({self.ops}); list each once")
         if self.length < 1:
             raise ConfigError("task.list_length", f"is {self.length}; use 1 or more digits")
-        for key in ("num_train", "num_dev", "num_test"):
-            if getattr(cfg, key) < 0:
-                raise ConfigError(f"task.{key}", f"is {getattr(cfg, key)}; use a count >= 0")
+        check_counts(cfg)
         space = len(self.ops) * 10**self.length
         if cfg.num_train + cfg.num_dev + cfg.num_test > space:
             raise ConfigError(
@@ -60,50 +58,25 @@ class ToyTask:
                 f" but only {space} distinct prompts exist for ops {self.ops} with list_length "
                 f"{self.length}; lower the split sizes, or raise task.list_length or add ops",
             )
-        self._splits: dict[str, list[Example]] | None = None
 
     def validate(self) -> None:
         pass  # everything was checked in __init__
 
-    def _generate(self) -> dict[str, list[Example]]:
+    def _build(self) -> dict[str, list[Example]]:
         cfg, n = self.cfg, 10**self.length
         space = len(self.ops) * n
         total = cfg.num_test + cfg.num_dev + cfg.num_train
         rng = random.Random(cfg.seed)
-        # Draw distinct indices one at a time so the sequence is a stable prefix: test, then dev,
-        # then train. Changing num_train never changes dev or test. When most of the space is
+        # Distinct indices drawn one at a time form a stable prefix. When most of the space is
         # wanted, rejection would crawl, so shuffle the whole (then small) space instead.
         if total <= space // 2:
-            seen: set[int] = set()
-            order: list[int] = []
-            while len(order) < total:
-                i = rng.randrange(space)
-                if i not in seen:
-                    seen.add(i)
-                    order.append(i)
+            order = distinct(lambda: rng.randrange(space), total)
         else:
             order = list(range(space))
             rng.shuffle(order)
             order = order[:total]
-        examples = []
-        for i in order:
-            op, value = self.ops[i // n], i % n
-            ex = render(op, [int(c) for c in str(value).zfill(self.length)])
-            examples.append(ex)
-        bounds = {"test": (0, cfg.num_test), "dev": (cfg.num_test, cfg.num_test + cfg.num_dev),
-                  "train": (cfg.num_test + cfg.num_dev, total)}
-        splits = {}
-        for split, (lo, hi) in bounds.items():
-            splits[split] = examples[lo:hi]
-            for k, ex in enumerate(splits[split]):
-                ex.id = f"toy-{split}-{k}"
-        return splits
-
-    def examples(self, split: str) -> list[Example]:
-        check_split(split)
-        if self._splits is None:
-            self._splits = self._generate()
-        return cap(self._splits[split], split, self.cfg)
+        examples = [render(self.ops[i // n], [int(c) for c in str(i % n).zfill(self.length)]) for i in order]
+        return generated_splits(examples, cfg, "toy")
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         refs = [ex.references for ex in examples]
