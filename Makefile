@@ -2,6 +2,8 @@
 # make test : create .venv, install, run the tests
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
 #             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
+# make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
+#                     small backbone first when models/tiny_pretrained is missing; under 45 min, 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +11,7 @@ BIN    := $(VENV)/bin
 # set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch==2.13.0" on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test bench install clean
+.PHONY: run test bench bench-quality install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_alora.py | tee bench/alora.md
 	$(BIN)/python scripts/bench_multitenant.py
+
+bench-quality: $(VENV)/.installed
+	$(BIN)/python scripts/bench_quality.py
 
 clean:
 	rm -rf $(VENV) outputs multirun bench

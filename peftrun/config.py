@@ -45,6 +45,9 @@ class ModelConfig:
     quantization: Optional[str] = None  # null | nf4 | int8 (bitsandbytes)
     bnb_4bit_double_quant: bool = True
     bnb_4bit_compute_dtype: str = "float32"
+    # For a local folder made by a command of ours (e.g. `python scripts/pretrain_tiny.py`): when
+    # `name_or_path` is missing, validation names this command instead of trying the Hub.
+    create_command: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -115,6 +118,18 @@ class HubTaskConfig(TaskConfig):
     target_template: str = MISSING
     source_lang: Optional[str] = None  # translation tasks
     target_lang: Optional[str] = None
+
+
+@dataclass
+class SyntheticTaskConfig(TaskConfig):
+    """Offline tasks over the invented world the `tiny_pretrained` backbone was pretrained on
+    (synth_qa, synth_math, synth_sentiment), in forms its corpus never used."""
+
+    name: str = MISSING
+    num_train: int = 2000
+    num_dev: int = 200
+    num_test: int = 200
+    seed: int = 1234
 
 
 # -------------------------------------------------------------------------------------- method
@@ -278,6 +293,7 @@ def register_configs() -> None:
     cs.store(group="task", name="toy_schema", node=ToyTaskConfig)
     cs.store(group="task", name="jsonl_schema", node=JsonlTaskConfig)
     cs.store(group="task", name="hub_schema", node=HubTaskConfig)
+    cs.store(group="task", name="synthetic_schema", node=SyntheticTaskConfig)
     cs.store(group="method", name="lora_schema", node=LoraConfig)
     cs.store(group="method", name="alora_schema", node=AloraConfig)
     cs.store(group="method", name="para_schema", node=ParaConfig)

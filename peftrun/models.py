@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
@@ -75,6 +76,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     """The offline tokenizer for built models, else `cfg.tokenizer` or `cfg.name_or_path`."""
     if cfg.build is not None and cfg.tokenizer is None:
         return offline_tokenizer()
+    if cfg.tokenizer is None:
+        check_local_folder(cfg)
     source = cfg.tokenizer or cfg.name_or_path
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
     with _load_errors(key, source):
@@ -108,6 +111,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(
             "model.build", "set either model.name_or_path or model.build, not both (e.g. model.build=null)"
         )
+    check_local_folder(cfg)
     if cfg.dtype not in DTYPES:
         raise ConfigError("model.dtype", f"{cfg.dtype!r} is not one of {' | '.join(DTYPES)}")
     if cfg.quantization not in QUANTIZATIONS:
@@ -122,6 +126,24 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     if cfg.build is not None:
         _validate_build(cfg.build)
+
+
+def check_local_folder(cfg: ModelConfig) -> None:
+    """A `name_or_path` that must be a folder on disk and is not: say so, and how to make it.
+
+    It must be local when the config names the command that creates it (`create_command`, e.g.
+    model=tiny_pretrained) or when no Hub id can look like it (absolute, ~, ./ or ../); the Hub
+    client would otherwise report a connection or repo-id error that hides the real cause.
+    """
+    path = cfg.name_or_path
+    if path is None:
+        return
+    create = getattr(cfg, "create_command", None)
+    local = path.startswith(("/", "~", "./", "../")) or Path(path).is_absolute()
+    if not (create or local) or Path(path).expanduser().exists():
+        return
+    fix = f"create it with `{create}`" if create else "check the path"
+    raise ConfigError("model.name_or_path", f"no folder {path!r}; {fix} (or point model.name_or_path at one)")
 
 
 def _validate_build(spec) -> None:

@@ -12,6 +12,7 @@ from peftrun.tasks.jsonl import JsonlTask
 from peftrun.tasks.math import Gsm8kTask
 from peftrun.tasks.qa import SquadTask
 from peftrun.tasks.summarization import DialogsumTask
+from peftrun.tasks.synthetic import SYNTHETIC_TASKS
 from peftrun.tasks.toy import ToyTask
 from peftrun.tasks.translation import Iwslt2017Task
 
@@ -20,6 +21,8 @@ TASKS = {"toy": ToyTask, "jsonl": JsonlTask}
 TASKS.update({cls.name: cls for cls in (
     SquadTask, Gsm8kTask, DialogsumTask, HellaswagTask, SiqaTask, CopaTask, Sst2Task, RteTask,
     QnliTask, BoolqTask, RecordTask, Iwslt2017Task, E2eNlgTask, AlpacaTask)})
+# Offline tasks over the invented world of the pretrained tiny backbone (scripts/pretrain_tiny.py).
+TASKS.update({cls.name: cls for cls in SYNTHETIC_TASKS})
 
 
 def build_task(cfg) -> Task:

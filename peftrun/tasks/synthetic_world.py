@@ -1,0 +1,247 @@
+"""A small invented world shared by the pretraining corpus (`scripts/pretrain_tiny.py`) and the
+synthetic downstream tasks (`peftrun/tasks/synthetic.py`).
+
+One module holds every name list and lexicon, so that the backbone pretrained on the corpus
+and the tasks it is later adapted to speak of the same places, people, jobs and adjectives.
+What differs is the *form*: the corpus uses the templates below (facts as "The job of Mira is
+baker.", questions as "Q: ... A: ...", bare equations, "..., so Mira was happy."), the tasks use
+others (paragraphs and "Question:/Answer:", word problems, "Review:/Sentiment:" with label words
+the corpus never writes). `CORPUS_NEVER` lists those task-only strings; the tests check that no
+corpus document contains one.
+
+Everything is a function of a seed through `random.Random`: the same seed gives the same text
+on every machine and Python version (3.2+ string seeding is stable).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator
+
+# --------------------------------------------------------------------------------- the world
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr",
+           "st", "tr", "sh"]
+_VOWELS = ["a", "e", "i", "o", "u"]
+_CODAS = ["", "", "", "n", "r", "l", "m", "s"]
+
+
+def _names(seed: int, count: int, min_syllables: int = 2, max_syllables: int = 2) -> list[str]:
+    """`count` distinct capitalized invented names (fixed for a seed)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < count:
+        n = rng.randint(min_syllables, max_syllables)
+        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n - 1))
+        name += rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+        if name not in seen:
+            seen.add(name)
+            out.append(name.capitalize())
+    return out
+
+
+# Fixed pools: places (cities, countries) and people never share a name.
+_ALL_NAMES = _names(7, 360)
+PLACES: list[str] = _ALL_NAMES[:200]
+PEOPLE: list[str] = _ALL_NAMES[200:]
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray", "brown", "purple"]
+ANIMALS = ["cat", "dog", "fox", "owl", "horse", "goat", "crow", "bear", "wolf", "duck", "frog", "mouse"]
+JOBS = ["baker", "farmer", "doctor", "singer", "sailor", "tailor", "miner", "painter", "teacher",
+        "guard", "cook", "hunter"]
+FOODS = ["soup", "bread", "tea", "cake", "rice", "fish", "pie", "salad", "cheese", "stew", "juice",
+         "jam"]
+ITEMS = ["apples", "coins", "shells", "stamps", "marbles", "eggs", "pens", "books", "cards", "stones"]
+POSITIVE = ["tasty", "fresh", "warm", "sweet", "lovely", "crisp", "rich", "soft", "perfect", "fine",
+            "great", "nice"]
+NEGATIVE = ["stale", "cold", "bitter", "bland", "awful", "soggy", "burnt", "sour", "dry", "greasy",
+            "bad", "salty"]
+WORDS = COLORS + ANIMALS + JOBS + FOODS + ITEMS
+
+# Relations of the fact-lookup skill: subject kind, value kind (a pool to draw from).
+RELATIONS: dict[str, tuple[list[str], list[str]]] = {
+    "capital": (PLACES, PLACES),
+    "ruler": (PLACES, PEOPLE),
+    "color": (PLACES, COLORS),
+    "home": (PEOPLE, PLACES),
+    "job": (PEOPLE, JOBS),
+    "pet": (PEOPLE, ANIMALS),
+    "food": (PEOPLE, FOODS),
+}
+
+# Strings only the downstream tasks write (templates and label words): never in the corpus.
+CORPUS_NEVER = ("Context:", "Question:", "Answer:", "Review:", "Sentiment:", "positive",
+                "negative", "mixed", "####", "lives in", "works as", "How many")
+
+SKILLS = ("lookup", "copy", "arithmetic", "instruction", "sentiment")
+
+
+# ------------------------------------------------------------------------ pretraining corpus
+def _facts(rng: random.Random, subjects: int) -> list[tuple[str, str, str]]:
+    """Facts (relation, subject, value) about `subjects` subjects, two to four relations each,
+    shuffled together. With one subject a question is answered by its relation alone; with two,
+    the subject must be matched as well."""
+    people = [r for r in RELATIONS if RELATIONS[r][0] is PEOPLE]
+    places = [r for r in RELATIONS if RELATIONS[r][0] is PLACES]
+    facts = []
+    for subject in rng.sample(PEOPLE + PLACES, subjects):
+        relations = people if subject in PEOPLE else places
+        for rel in rng.sample(relations, rng.randint(2, len(relations))):
+            facts.append((rel, subject, rng.choice([v for v in RELATIONS[rel][1] if v != subject])))
+    rng.shuffle(facts)
+    return facts
+
+
+def doc_lookup(rng: random.Random) -> str:
+    """Facts stated, then asked about: "The job of Mira is baker. The pet of Mira is owl. ...
+    Q: What is the job of Mira? A: baker"."""
+    facts = _facts(rng, 1 if rng.random() < 0.6 else 2)
+    text = " ".join(f"The {r} of {s} is {v}." for r, s, v in facts)
+    asked = rng.sample(facts, rng.randint(1, min(3, len(facts))))
+    return text + "\n" + "".join(f"Q: What is the {r} of {s}? A: {v}\n" for r, s, v in asked)
+
+
+def _word_list(rng: random.Random, lo: int, hi: int) -> str:
+    """lo..hi distinct words and names: no word twice, so every word says where a copy goes on."""
+    return " ".join(rng.sample(_COPY_POOL, rng.randint(lo, hi)))
+
+
+_COPY_POOL = WORDS + PLACES + PEOPLE
+
+
+def doc_copy(rng: random.Random) -> str:
+    """Copy a span verbatim: "Copy: red fox tea => red fox tea" (or names, or a quoted span)."""
+    lines = []
+    for _ in range(rng.randint(1, 2)):
+        span = _word_list(rng, 4, 16)
+        kind = rng.random()
+        if kind < 0.5:
+            lines.append(f"Copy: {span} => {span}")
+        elif kind < 0.8:
+            lines.append(f"Repeat after me. {span}. {span}.")
+        else:
+            name = rng.choice(PLACES + PEOPLE)
+            lines.append(f'{name} said "{span}". Again: "{span}".')
+    return "\n".join(lines) + "\n"
+
+
+def _step(rng: random.Random, value: int) -> tuple[str, int]:
+    """One +/- step from `value` that keeps the result within 0..99."""
+    if value > 5 and (value >= 80 or rng.random() < 0.5):
+        b = rng.randint(1, min(value, 20))
+        return "-", b
+    return "+", rng.randint(1, min(20, 99 - value))
+
+
+def arithmetic_chain(rng: random.Random, start: int, steps: int) -> tuple[list[tuple[int, str, int, int]], int]:
+    """`steps` arithmetic steps from `start`: [(a, op, b, result), ...] and the final value."""
+    out, value = [], start
+    for _ in range(steps):
+        op, b = _step(rng, value)
+        result = value + b if op == "+" else value - b
+        out.append((value, op, b, result))
+        value = result
+    return out, value
+
+
+def render_chain(chain: list[tuple[int, str, int, int]]) -> str:
+    """"7 + 5 = 12. 12 - 3 = 9." — the worked form both the corpus and the math task use."""
+    return " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in chain)
+
+
+def doc_arithmetic(rng: random.Random) -> str:
+    """Bare equations and chains: "14 - 5 = 9", "Compute 7 + 5 - 3. 7 + 5 = 12. 12 - 3 = 9. So
+    the result is 9."."""
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        chain, final = arithmetic_chain(rng, rng.randint(1, 40), rng.randint(1, 3))
+        if len(chain) == 1:
+            a, op, b, r = chain[0]
+            lines.append(f"{a} {op} {b} = {r}")
+        else:
+            expr = str(chain[0][0]) + "".join(f" {op} {b}" for _, op, b, _ in chain)
+            lines.append(f"Compute {expr}. {render_chain(chain)} So the result is {final}.")
+    return "\n".join(lines) + "\n"
+
+
+_INSTRUCTIONS: list[tuple[str, Callable[[list[str]], str]]] = [
+    ("Write the words in capitals.", lambda w: " ".join(w).upper()),
+    ("Give the first word.", lambda w: w[0]),
+    ("Give the last word.", lambda w: w[-1]),
+    ("Count the words.", lambda w: str(len(w))),
+    ("Reverse the order of the words.", lambda w: " ".join(reversed(w))),
+    ("Sort the words.", lambda w: " ".join(sorted(w))),
+]
+
+
+def doc_instruction(rng: random.Random) -> str:
+    """"Instruction: Give the last word.\\nInput: red fox tea\\nOutput: tea"."""
+    text, fn = rng.choice(_INSTRUCTIONS)
+    words = _word_list(rng, 2, 5).split()
+    return f"Instruction: {text}\nInput: {' '.join(words)}\nOutput: {fn(words)}\n"
+
+
+def doc_sentiment(rng: random.Random) -> str:
+    """Adjectives and how people felt: "The soup was tasty, so Mira was happy." or "Tor ate the
+    stale bread and felt sad."."""
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        good = rng.random() < 0.5
+        adj = rng.choice(POSITIVE if good else NEGATIVE)
+        food, person = rng.choice(FOODS), rng.choice(PEOPLE)
+        mood = "happy" if good else "sad"
+        if rng.random() < 0.5:
+            lines.append(f"The {food} was {adj}, so {person} was {mood}.")
+        else:
+            lines.append(f"{person} ate the {adj} {food} and felt {mood}.")
+    return " ".join(lines) + "\n"
+
+
+def skill_probes(seed: int, n: int) -> dict[str, list[tuple[str, str]]]:
+    """Held-out (prompt, expected continuation) pairs in the corpus's own forms, per skill: what
+    a pretrained backbone should complete greedily (`scripts/pretrain_tiny.py` reports them).
+"""
+    rng = random.Random(f"probe-{seed}")
+    probes: dict[str, list[tuple[str, str]]] = {k: [] for k in ("lookup", "copy", "arithmetic", "chain",
+                                                                "instruction", "sentiment")}
+    for _ in range(n):
+        facts = _facts(rng, 1 if rng.random() < 0.6 else 2)
+        r, s, v = rng.choice(facts)
+        context = " ".join(f"The {r_} of {s_} is {v_}." for r_, s_, v_ in facts)
+        probes["lookup"].append((f"{context}\nQ: What is the {r} of {s}? A:", f" {v}"))
+        span = _word_list(rng, 2, 6)
+        probes["copy"].append((f"Copy: {span} =>", f" {span}"))
+        (a, op, b, result), = arithmetic_chain(rng, rng.randint(1, 40), 1)[0]
+        probes["arithmetic"].append((f"{a} {op} {b} =", f" {result}"))
+        chain, final = arithmetic_chain(rng, rng.randint(1, 40), 2)
+        expr = str(chain[0][0]) + "".join(f" {o} {b_}" for _, o, b_, _ in chain)
+        probes["chain"].append((f"Compute {expr}.", f" {render_chain(chain)} So the result is {final}."))
+        text, fn = rng.choice(_INSTRUCTIONS)
+        words = _word_list(rng, 2, 5).split()
+        probes["instruction"].append((f"Instruction: {text}\nInput: {' '.join(words)}\nOutput:", f" {fn(words)}"))
+        good = rng.random() < 0.5
+        adj = rng.choice(POSITIVE if good else NEGATIVE)
+        probes["sentiment"].append((f"The {rng.choice(FOODS)} was {adj}, so {rng.choice(PEOPLE)} was",
+                                    " happy" if good else " sad"))
+    return probes
+
+
+DOCS: dict[str, Callable[[random.Random], str]] = {
+    "lookup": doc_lookup,
+    "copy": doc_copy,
+    "arithmetic": doc_arithmetic,
+    "instruction": doc_instruction,
+    "sentiment": doc_sentiment,
+}
+# How often each skill's documents occur (lookup and arithmetic are the hardest to learn).
+MIX = {"lookup": 0.35, "copy": 0.2, "arithmetic": 0.25, "instruction": 0.08, "sentiment": 0.12}
+
+
+def corpus_documents(seed: int, mix: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
+    """An endless, seeded stream of (skill, document) pairs in the `mix` (default MIX) proportions."""
+    mix = MIX if mix is None else mix
+    rng = random.Random(f"corpus-{seed}")
+    skills, weights = list(mix), list(mix.values())
+    while True:
+        skill = rng.choices(skills, weights)[0]
+        yield skill, DOCS[skill](rng)
