@@ -5,7 +5,8 @@ folder is missing).
 Each method's size knob (LoRA/ALoRA rank, Tied-LoRA rank, PARA/IAPT bottleneck) is set so its
 trainable parameters come as close as possible to a common budget (default: LoRA r=4 on every
 linear), counted on a meta-device copy of the backbone. Training goes through peftrun's own loop
-(`peftrun.train.loop.train`, in this process), with the group's protocol scaled to this size:
+(`peftrun.train.loop.train`; two runs at a time in worker processes, one torch thread each,
+`--workers 1` for one at a time in this process), with the group's protocol scaled to this size:
 AdamW, linear decay after 6% warm-up, batch 16, dev loss every `--eval-every` steps and the best
 adapter tested, greedy decoding. The untrained backbone (no adapter, the same prompts) is a row.
 
