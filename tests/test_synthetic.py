@@ -19,7 +19,7 @@ from conftest import ROOT, compose_config, run_cli
 from peftrun.errors import ConfigError
 from peftrun.models import validate_model_config
 from peftrun.tasks import build_task
-from peftrun.tasks.synthetic_world import (CORPUS_NEVER, NEGATIVE, POSITIVE, SKILLS,
+from peftrun.tasks.synthetic_world import (CORPUS_NEVER, NEGATIVE, PEOPLE, PLACES, POSITIVE, SKILLS,
                                            corpus_documents)
 
 SYNTH = ("synth_qa", "synth_math", "synth_sentiment")
@@ -49,6 +49,11 @@ def test_corpus_covers_every_skill_and_is_right():
     assert len(equations) > 100
     for a, op, b, r in equations:
         assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(r) and 0 <= int(r) <= 99
+    stories = [s for d in by_skill["arithmetic"]
+               for s in re.findall(r"has (\d+) \w+\. \w+ ([a-z ]+) (\d+)( more)?\. Now \w+ has (\d+)", d)]
+    assert len(stories) > 20
+    for a, _, b, more, r in stories:
+        assert int(a) + (int(b) if more else -int(b)) == int(r)
     # Copying: the span comes back verbatim.
     for doc in by_skill["copy"]:
         for line in doc.splitlines():
@@ -59,9 +64,20 @@ def test_corpus_covers_every_skill_and_is_right():
     for doc in by_skill["sentiment"]:
         for adj, mood in re.findall(r"was (\w+), so \w+ was (\w+)\.", doc):
             assert (adj in POSITIVE) == (mood == "happy") and (adj in NEGATIVE) == (mood == "sad")
-    # The downstream tasks' templates and label words never occur in the corpus.
+    # The downstream tasks' templates never occur in the corpus; their words do.
     text = "".join(d for _, d in sample)
-    assert [s for s in CORPUS_NEVER if s in text] == []
+    assert CORPUS_NEVER.search(text) is None
+
+
+def test_corpus_knows_the_tasks_words():
+    """Every word of the tasks (labels and "####" included) occurs in the corpus, so the
+    tokenizer has pieces for it and the backbone has written it: only the forms are new."""
+    word = re.compile(r"[A-Za-z]+|#+")
+    corpus = {w for _, d in docs(3, 3000) for w in word.findall(d)}
+    for name in SYNTH:
+        examples = task(name, "task.num_train=300").examples("train")
+        words = {w for e in examples for w in word.findall(e.prompt + e.target)} - set(PEOPLE + PLACES)
+        assert sorted(words - corpus) == [], name
 
 
 # ----------------------------------------------------------------------------- downstream tasks
@@ -208,3 +224,18 @@ def test_quality_benchmark_smoke_writes_the_table_and_plot(tmp_path):
                   "iapt"):
         assert sum(line.startswith(f"| {label} |") for line in lines) == len(SYNTH), label
     assert list(tmp_path.iterdir()) == []  # the smoke run writes into a temporary folder only
+
+
+@pytest.mark.slow
+def test_quality_benchmark_learning_rate_sweep_smoke(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--smoke", "--sweep-lr",
+                        "1e-3,1e-2", "--methods", "lora,iapt", "--tasks", "synth_qa,synth_sentiment"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "smoke: wrote ['quality_lr.md']" in r.stdout
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith(("| lora |", "| iapt |"))]
+    assert len(rows) == 2
+    for cells in rows:  # two rates, each "qa / sentiment" dev losses, and the pick among them
+        assert all(len(c.split(" / ")) == 2 for c in cells[1:3])
+        assert cells[3].rstrip(" |") in ("0.001", "0.01")
+    assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ import random
 
 from peftrun.tasks.base import BuiltOnce, Example, check_counts, check_limits, distinct, generated_splits
 from peftrun.tasks.metrics import choice_accuracy, mean_score, number_match, squad_scores
-from peftrun.tasks.synthetic_world import (ANIMALS, COLORS, FOODS, ITEMS, JOBS, NEGATIVE, PEOPLE,
+from peftrun.tasks.synthetic_world import (ANIMALS, COLORS, FOODS, GAIN, ITEMS, JOBS, LOSS, NEGATIVE, PEOPLE,
                                            PLACES, POSITIVE, arithmetic_chain, render_chain)
 
 
@@ -109,10 +109,6 @@ class SynthQaTask(SyntheticTask):
 
 
 # ----------------------------------------------------------------------------- word problems
-_MORE = ["{p} buys {b} more.", "{p} finds {b} more.", "{p} wins {b} more.", "{p} gets {b} more."]
-_LESS = ["{p} loses {b}.", "{p} sells {b}.", "{p} gives away {b}.", "{p} eats {b}."]
-
-
 class SynthMathTask(SyntheticTask):
     """A word problem of two +/- steps; the answer works the steps, then '#### N'."""
 
@@ -125,7 +121,7 @@ class SynthMathTask(SyntheticTask):
         chain, final = arithmetic_chain(rng, rng.randint(2, 30), 2)
         story = [f"{p} has {chain[0][0]} {item}."]
         for _, op, b, _ in chain:
-            story.append(rng.choice(_MORE if op == "+" else _LESS).format(p=p, b=b))
+            story.append(rng.choice(GAIN if op == "+" else LOSS).format(p=p, b=b))
         prompt = f"Question: {' '.join(story)} How many {item} does {p} have now?\nAnswer:"
         target = f" {render_chain(chain)} #### {final}"
         return Example(prompt=prompt, target=target, references=[target])

@@ -4,10 +4,13 @@ synthetic downstream tasks (`peftrun/tasks/synthetic.py`).
 One module holds every name list and lexicon, so that the backbone pretrained on the corpus
 and the tasks it is later adapted to speak of the same places, people, jobs and adjectives.
 What differs is the *form*: the corpus uses the templates below (facts as "The job of Mira is
-baker.", questions as "Q: ... A: ...", bare equations, "..., so Mira was happy."), the tasks use
+baker.", questions as "Q: ... A: ...", equations and one-step stories, "..., so Mira was
+happy."), the tasks use
 others (paragraphs and "Question:/Answer:", word problems, "Review:/Sentiment:" with label words
-the corpus never writes). `CORPUS_NEVER` lists those task-only strings; the tests check that no
-corpus document contains one.
+that mean something else in the corpus). `CORPUS_NEVER` matches those task-only forms; the
+tests check that no corpus document contains one. The words themselves do occur, in everyday
+sentences (`doc_everyday`): without them a word-piece tokenizer trained on the corpus spells
+"positive" or "####" in single letters the backbone never learnt to write.
 
 Everything is a function of a seed through `random.Random`: the same seed gives the same text
 on every machine and Python version (3.2+ string seeding is stable).
@@ -16,6 +19,7 @@ on every machine and Python version (3.2+ string seeding is stable).
 from __future__ import annotations
 
 import random
+import re
 from typing import Callable, Iterator
 
 # --------------------------------------------------------------------------------- the world
@@ -57,6 +61,9 @@ POSITIVE = ["tasty", "fresh", "warm", "sweet", "lovely", "crisp", "rich", "soft"
 NEGATIVE = ["stale", "cold", "bitter", "bland", "awful", "soggy", "burnt", "sour", "dry", "greasy",
             "bad", "salty"]
 WORDS = COLORS + ANIMALS + JOBS + FOODS + ITEMS
+# How a count changes in a story: "Mira buys 5 more." (+) or "Mira loses 3." (-).
+GAIN = ["{p} buys {b} more.", "{p} finds {b} more.", "{p} wins {b} more.", "{p} gets {b} more."]
+LOSS = ["{p} loses {b}.", "{p} sells {b}.", "{p} gives away {b}.", "{p} eats {b}."]
 
 # Relations of the fact-lookup skill: subject kind, value kind (a pool to draw from).
 RELATIONS: dict[str, tuple[list[str], list[str]]] = {
@@ -69,11 +76,12 @@ RELATIONS: dict[str, tuple[list[str], list[str]]] = {
     "food": (PEOPLE, FOODS),
 }
 
-# Strings only the downstream tasks write (templates and label words): never in the corpus.
-CORPUS_NEVER = ("Context:", "Question:", "Answer:", "Review:", "Sentiment:", "positive",
-                "negative", "mixed", "####", "lives in", "works as", "How many")
+# The downstream tasks' own forms (templates, the answer marker before a number, the fact
+# phrasings of synth_qa): never in the corpus. Their *words* are (see `doc_everyday`), as a
+# pretrained model knows the words of a task it has never seen.
+CORPUS_NEVER = re.compile(r"Context:|Question:|Answer:|Review:|Sentiment:|#### \d|lives in|works as|How many")
 
-SKILLS = ("lookup", "copy", "arithmetic", "instruction", "sentiment")
+SKILLS = ("lookup", "copy", "arithmetic", "instruction", "sentiment", "everyday")
 
 
 # ------------------------------------------------------------------------ pretraining corpus
@@ -150,12 +158,17 @@ def render_chain(chain: list[tuple[int, str, int, int]]) -> str:
 
 
 def doc_arithmetic(rng: random.Random) -> str:
-    """Bare equations and chains: "14 - 5 = 9", "Compute 7 + 5 - 3. 7 + 5 = 12. 12 - 3 = 9. So
-    the result is 9."."""
+    """Bare equations, chains and one-step stories: "14 - 5 = 9", "Compute 7 + 5 - 3. 7 + 5 = 12.
+    12 - 3 = 9. So the result is 9.", "Mira has 7 eggs. Mira sells 3. Now Mira has 4 eggs."."""
     lines = []
     for _ in range(rng.randint(2, 4)):
         chain, final = arithmetic_chain(rng, rng.randint(1, 40), rng.randint(1, 3))
-        if len(chain) == 1:
+        if len(chain) == 1 and rng.random() < 0.5:
+            a, op, b, r = chain[0]
+            p, item = rng.choice(PEOPLE), rng.choice(ITEMS)
+            change = rng.choice(GAIN if op == "+" else LOSS).format(p=p, b=b)
+            lines.append(f"{p} has {a} {item}. {change} Now {p} has {r} {item}.")
+        elif len(chain) == 1:
             a, op, b, r = chain[0]
             lines.append(f"{a} {op} {b} = {r}")
         else:
@@ -197,6 +210,43 @@ def doc_sentiment(rng: random.Random) -> str:
     return " ".join(lines) + "\n"
 
 
+# Everyday sentences that use the downstream tasks' words in other senses and combinations
+# ("positive" of a test, "mixed" as a verb, "####" as a heading): the words a real pretrained
+# model would know. Slots: p, q people; place; food, food2; items; animal, animal2; color; job.
+_EVERYDAY = [
+    "{p} was born on a cold day.", "{p} got married to {q} in the spring.", "{p} and {q} are good friends.",
+    "{p} is a friend of the {job}.", "{p} often eats {food} with {q}.", "{p} visits {q} in the summer.",
+    "Where is the {animal}? It is near the {food}.", "Who has the {color} {animal}? It is {p}.",
+    "Which {animal} does {p} like? The {color} one.", "{p} buys {food} and sells {items}.",
+    "{p} finds some {items} in {place}.", "{p} wins the race and gets a {food}.",
+    "{p} loses the game and gives away the {food}.", "Many people live in {place}, a big town.",
+    "{p} has more {items} than {q}.", "{p} is in {place} now.", "How old is the {animal} of {p}?",
+    "{p} wrote a long review of the town.", "{p} asked a question and {q} gave the answer.",
+    "The answer to the question was in the book.", "The test of {p} came back negative.",
+    "The test of {p} came back positive.", "The count was positive, not negative.",
+    "{p} mixed the {food} and the {food2}.", "The {animal} has mixed colors.",
+    "In this context, the {job} means the {job2}.", "The context of the story is {place}.",
+    "The sentiment in {place} is calm.", "{p} works hard every day.", "{p}'s {animal} sleeps with the {animal2}.",
+    "{p} went away to {place}.", "{p} likes {food}, but {q} does not.", "{p} and {q} have a {animal}.",
+    "The {job} lives with a {animal}.", "Answer the door, {p}.", "Review the list, said {q}.",
+    "Question the {job}, said {p}.", "Context helps the {job}.", "Sentiment runs high in {place}.",
+    "{p} came to visit the {job}.", "{p} is as tall as {q}.", "The {animal} is a small animal.", "There are many {items} in {place}.",
+]
+
+
+def doc_everyday(rng: random.Random) -> str:
+    """A short note of everyday sentences, sometimes under a "#### Place" heading."""
+    people, foods = rng.sample(PEOPLE, 2), rng.sample(FOODS, 2)
+    animals, jobs = rng.sample(ANIMALS, 2), rng.sample(JOBS, 2)
+    slots = dict(p=people[0], q=people[1], place=rng.choice(PLACES), food=foods[0], food2=foods[1],
+                 items=rng.choice(ITEMS), animal=animals[0], animal2=animals[1], color=rng.choice(COLORS),
+                 job=jobs[0], job2=jobs[1])
+    text = " ".join(t.format(**slots) for t in rng.sample(_EVERYDAY, rng.randint(2, 4)))
+    if rng.random() < 0.3:
+        text = f"#### {rng.choice(PLACES)}\n{text}"
+    return text + "\n"
+
+
 def skill_probes(seed: int, n: int) -> dict[str, list[tuple[str, str]]]:
     """Held-out (prompt, expected continuation) pairs in the corpus's own forms, per skill: what
     a pretrained backbone should complete greedily (`scripts/pretrain_tiny.py` reports them).
@@ -232,9 +282,10 @@ DOCS: dict[str, Callable[[random.Random], str]] = {
     "arithmetic": doc_arithmetic,
     "instruction": doc_instruction,
     "sentiment": doc_sentiment,
+    "everyday": doc_everyday,
 }
 # How often each skill's documents occur (lookup and arithmetic are the hardest to learn).
-MIX = {"lookup": 0.35, "copy": 0.2, "arithmetic": 0.25, "instruction": 0.08, "sentiment": 0.12}
+MIX = {"lookup": 0.3, "copy": 0.2, "arithmetic": 0.22, "instruction": 0.08, "sentiment": 0.08, "everyday": 0.12}
 
 
 def corpus_documents(seed: int, mix: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
