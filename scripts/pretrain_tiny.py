@@ -2,15 +2,16 @@
 
 The corpus (`peftrun/tasks/synthetic_world.py`) exercises skills the synthetic downstream tasks
 reuse in other forms: copying spans, looking up facts stated in the context, one- to three-step
-arithmetic, a few instruction formats, and which adjectives make people happy or sad. Documents
-(BOS + text + EOS) are packed into windows of `--seq` characters; the loss covers every token.
+arithmetic (bare, worked, and in one-step stories), a few instruction formats, which adjectives
+make people happy or sad, and everyday sentences that use the tasks' words. Documents (BOS +
+text + EOS) are packed into windows of `--seq` tokens; the loss covers every token.
 
 The run is a function of its arguments: the same seed gives the same weights on the same
-machine (same thread count). The model and the character tokenizer are written with
+machine (same thread count). The model and its tokenizer are written with
 `save_pretrained` into a temporary folder that is renamed at the end, so an interrupted run
 never leaves a folder that looks complete.
 
-    python scripts/pretrain_tiny.py                            # models/tiny_pretrained (~8 min, 2 cores)
+    python scripts/pretrain_tiny.py                            # models/tiny_pretrained (~13 min, 2 cores)
     python scripts/pretrain_tiny.py --out /tmp/tp --steps 3 --hidden 32 --layers 1   # a smoke run
 """
 
@@ -37,7 +38,7 @@ DEFAULT_OUT = ROOT / "models" / "tiny_pretrained"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder to write (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="windows per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per window")
     p.add_argument("--hidden", type=int, default=192)
@@ -75,8 +76,9 @@ def corpus_tokenizer(vocab_size: int, seed: int):
     from peftrun.tasks.synthetic_world import NEGATIVE, PEOPLE, PLACES, POSITIVE, WORDS, corpus_documents
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    # Pieces never cross a word, number or symbol boundary; a space sticks to what follows it.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[0-9]+| ?[^A-Za-z0-9\s]|\s"),
+    # Pieces never cross a word, number or symbol boundary ("####" is one symbol); a space sticks
+    # to what follows it.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[0-9]+| ?#+| ?[^A-Za-z0-9\s]|\s"),
                                              behavior="isolated")
     tok.decoder = decoders.Fuse()
     docs = [d for _, d in itertools.islice(corpus_documents(seed + 2_000_003), 20000)]
