@@ -7,13 +7,16 @@ trainable parameters come as close as possible to a common budget (default: LoRA
 linear), counted on a meta-device copy of the backbone. Training goes through peftrun's own loop
 (`peftrun.train.loop.train`; two runs at a time in worker processes, one torch thread each,
 `--workers 1` for one at a time in this process), with the group's protocol scaled to this size:
-AdamW, linear decay after 6% warm-up, batch 16, dev loss every `--eval-every` steps and the best
-adapter tested, greedy decoding. The untrained backbone (no adapter, the same prompts) is a row.
+AdamW, linear decay after 6% warm-up, batch 16, a number of steps per task (`TASK_STEPS`), dev
+loss every `--eval-every` steps and the best adapter tested, greedy decoding. The untrained
+backbone (no adapter, the same prompts) is a row.
 
     python scripts/bench_quality.py                 # writes bench/quality.md and bench/quality.png
-    python scripts/bench_quality.py --seeds 0,1,2 --steps 300
+    python scripts/bench_quality.py --seeds 0,1,2 --steps 300      # 300 steps on every task
     python scripts/bench_quality.py --tasks synth_sentiment --methods lora,para --lr para=3e-2
     python scripts/bench_quality.py --smoke         # seconds: a throwaway backbone, 2 steps, tiny splits
+    python scripts/bench_quality.py --sweep-lr 1e-3,3e-3,1e-2 --steps 150 --tasks synth_qa,synth_math
+                                                    # how the learning rates in METHODS were picked
 """
 
 from __future__ import annotations
@@ -42,19 +45,24 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_train import compose  # noqa: E402  (the shared Hydra compose helper)
 
 TASKS = ("synth_qa", "synth_math", "synth_sentiment")
+# Training steps per task, the same for every method (batch 16; 2,000 training examples = 125
+# steps an epoch). The word problems get more: the answer must copy the right operands out of the
+# story, and the slowest learner, IAPT, is still near 0 after 250-400 steps.
+TASK_STEPS = {"synth_qa": 250, "synth_math": 500, "synth_sentiment": 200}
 
 
 # label -> (method option, size knob, candidate knob values, fixed overrides (`{k}`: the knob), lr)
-# Learning rates: per method, the best dev loss of 1e-3, 3e-3 and 1e-2 (150 steps, seed 0, synth_qa and
-# synth_math); short runs want rates well above the papers' 1e-4.
+# Learning rates: per method, the lowest geometric-mean dev loss on synth_qa and synth_math of
+# 1e-3, 3e-3 and 1e-2 after 150 steps, seed 0 (`--sweep-lr 1e-3,3e-3,1e-2 --steps 150 --tasks
+# synth_qa,synth_math`; the README has the table); short runs want rates well above the papers' 1e-4.
 METHODS: dict[str, tuple[str, str, range, tuple[str, ...], float]] = {
-    "lora": ("lora", "method.r", range(1, 65), ("method.alpha={2k}",), 3e-3),
+    "lora": ("lora", "method.r", range(1, 65), ("method.alpha={2k}",), 1e-2),
     "tied_lora tl6": ("tied_lora", "method.r", range(1, 385), ("method.preset=tl6",), 1e-2),
     "tied_lora tl5": ("tied_lora", "method.r", range(1, 385), ("method.preset=tl5",), 3e-3),
     "tied_lora vera": ("tied_lora", "method.r", range(1, 385), ("method.preset=vera",), 1e-2),
     # ALoRA's budget is its open ranks (the paper's count); it allocates 2 x r_init slots.
     "alora": ("alora", "method.r_init", range(1, 65), ("method.max_rank={2k}", "method.alpha={2k}"), 3e-3),
-    "para": ("para", "method.bottleneck", range(1, 513), (), 3e-3),
+    "para": ("para", "method.bottleneck", range(1, 513), (), 1e-2),
     "iapt": ("iapt", "method.bottleneck", range(1, 513), (), 1e-2),
 }
 DEFAULT_METHODS = ("lora", "tied_lora tl6", "tied_lora tl5", "alora", "para", "iapt")
@@ -121,13 +129,17 @@ def match_budget(label: str, budget: int, model_overrides: list[str]) -> tuple[i
 
 
 # ------------------------------------------------------------------------------------- runs
-def trainer_overrides(args, seed: int, lr: float) -> list[str]:
-    return [f"trainer.max_steps={args.steps}", f"trainer.lr={lr}", f"trainer.seed={seed}",
+def task_steps(args, task: str) -> int:
+    return args.steps or TASK_STEPS.get(task, 250)
+
+
+def trainer_overrides(args, steps: int, seed: int, lr: float) -> list[str]:
+    return [f"trainer.max_steps={steps}", f"trainer.lr={lr}", f"trainer.seed={seed}",
             "trainer.micro_batch_size=16", "trainer.grad_accum=1", "trainer.eval_batch_size=64",
             "trainer.scheduler=linear", "trainer.warmup_ratio=0.06", f"trainer.eval_every={args.eval_every}",
             "trainer.generate_every=0", "trainer.early_stopping_patience=0", "trainer.load_best_at_end=true",
             "trainer.save_every=0", "trainer.save_total_limit=1", "trainer.progress=false",
-            f"trainer.log_every={args.steps}", "trainer.num_beams=1"]
+            f"trainer.log_every={steps}", "trainer.num_beams=1"]
 
 
 def task_overrides(args, task: str) -> list[str]:
@@ -137,26 +149,31 @@ def task_overrides(args, task: str) -> list[str]:
     return out
 
 
-def alora_schedule(args) -> list[str]:
+def alora_schedule(steps: int) -> list[str]:
     """Algorithm 1 scaled to a short run: warm-up K1 = 40% of the steps, then 3 rounds every 10%,
     scored on 16 dev examples (the paper: 32; each round costs two forwards of the dev batch per
     open rank, which dominates a run this short)."""
-    warmup = max(1, int(0.4 * args.steps))
-    interval = max(1, int(0.1 * args.steps))
-    rounds = max(1, min(3, (args.steps - warmup) // interval - 1))
+    warmup = max(1, int(0.4 * steps))
+    interval = max(1, int(0.1 * steps))
+    rounds = max(1, min(3, (steps - warmup) // interval - 1))
     return [f"method.warmup_steps={warmup}", f"method.interval_steps={interval}", f"method.rounds={rounds}",
             "method.dev_batch_size=16"]
 
 
-def run_one(args, task: str, label: str, k: int, seed: int, run_dir: Path, model_overrides: list[str]) -> dict:
+def learning_rate(args, label: str) -> float:
+    return args.lr.get(label, METHODS[label][4])
+
+
+def run_one(args, task: str, label: str, k: int, seed: int, lr: float, run_dir: Path,
+            model_overrides: list[str]) -> dict:
     from peftrun.train.loop import train
 
-    option, knob, _, fixed, default_lr = METHODS[label]
-    lr = args.lr.get(label, default_lr)
+    option, knob, _, fixed, _ = METHODS[label]
     overrides = model_overrides + task_overrides(args, task) + [f"method={option}", f"{knob}={k}", *fill(fixed, k)]
+    steps = task_steps(args, task)
     if option == "alora":
-        overrides += alora_schedule(args)
-    cfg = compose(overrides + trainer_overrides(args, seed, lr))
+        overrides += alora_schedule(steps)
+    cfg = compose(overrides + trainer_overrides(args, steps, seed, lr))
     started = time.perf_counter()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = run_dir.parent / f"{run_dir.name}.log"  # the run's own output (its summary table...)
@@ -174,22 +191,21 @@ def _one_thread() -> None:
 
 
 def run_all(args, jobs: list, sizes: dict, runs_root: Path, model_overrides: list[str]):
-    """Yield ((task, label, seed), summary) as runs finish. With --workers 2 (the default) two
+    """Yield ((task, label, seed, lr), summary) as runs finish. With --workers 2 (the default) two
     one-thread runs share the two cores: tiny models keep two threads poorly busy, so this
     finishes the set about 1.25x sooner than one two-thread run at a time (same results: the
     runs are deterministic whatever the thread count)."""
-    def folder(task, label, seed):
-        return runs_root / task / label.replace(" ", "_") / f"seed{seed}"
+    def folder(task, label, seed, lr):
+        return runs_root / task / label.replace(" ", "_") / f"seed{seed}-lr{lr:g}"
 
     if args.workers <= 1:
-        for task, label, seed in jobs:
-            yield (task, label, seed), run_one(args, task, label, sizes[label][0], seed, folder(task, label, seed),
-                                               model_overrides)
+        for job in jobs:
+            yield job, run_one(args, *job[:2], sizes[job[1]][0], *job[2:], folder(*job), model_overrides)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_one_thread) as pool:
-        futures = {pool.submit(run_one, args, task, label, sizes[label][0], seed, folder(task, label, seed),
-                               model_overrides): (task, label, seed) for task, label, seed in jobs}
+        futures = {pool.submit(run_one, args, *job[:2], sizes[job[1]][0], *job[2:], folder(*job),
+                               model_overrides): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
@@ -226,11 +242,13 @@ def write_report(args, results: dict, zero: dict, sizes: dict, budget: int, timi
         f"# Quality at matched budgets (synthetic tasks, `model=tiny_pretrained`)",
         "",
         f"Backbone: {timings['backbone']}. Budget: {budget:,} trainable parameters (LoRA r={args.budget_rank} "
-        f"on every linear); each method's knob is the value nearest it. {args.steps} steps of batch 16 "
+        f"on every linear); each method's knob is the value nearest it. Steps of batch 16: "
+        + ", ".join(f"{t} {task_steps(args, t)}" for t in args.tasks) + " "
         f"(AdamW, linear decay, 6% warm-up; dev loss every {args.eval_every} steps, best adapter tested; "
         f"greedy decoding); seeds {', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds. "
-        f"Learning rates: " + ", ".join(f"{m} {args.lr.get(m, METHODS[m][4]):g}" for m in args.methods) + ".",
-        f"ALoRA: {' '.join(alora_schedule(args))}; its count is the open ranks (it allocates twice as many slots).",
+        f"Learning rates: " + ", ".join(f"{m} {learning_rate(args, m):g}" for m in args.methods) + ".",
+        f"ALoRA: warm-up 40% of the steps, then 3 scoring rounds every 10% on 16 dev examples; its count is the "
+        f"open ranks (it allocates twice as many slots).",
         "",
     ]
     for task in args.tasks:
@@ -296,6 +314,35 @@ def plot(args, results: dict, zero: dict, sizes: dict, out: Path) -> None:
     fig.savefig(out / "quality.png", dpi=120)
 
 
+# ------------------------------------------------------------------------------ learning rates
+def sweep_learning_rates(args, sizes: dict, runs_root: Path, model_overrides: list[str], out: Path,
+                         started: float) -> dict:
+    """Each method at each candidate rate on every task (first seed); the pick is the rate with
+    the lowest geometric mean of dev losses over the tasks (tasks differ in loss scale)."""
+    seed = args.seeds[0]
+    jobs = [(task, label, seed, lr) for task in args.tasks for label in args.methods for lr in args.sweep_lr]
+    dev = {}
+    for (task, label, _, lr), s in run_all(args, jobs, sizes, runs_root, model_overrides):
+        dev[task, label, lr] = s["dev_loss"]
+        print(f"{task}: {label:16s} lr {lr:g}: dev loss {s['dev_loss']:.3f} "
+              f"(elapsed {(time.perf_counter() - started) / 60:.1f} min)", flush=True)
+    picks = {}
+    steps = ", ".join(f"{t} {task_steps(args, t)}" for t in args.tasks)
+    lines = [f"# Learning rates for bench_quality.py: best dev loss after {steps} steps, seed {seed}", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in args.sweep_lr) + " | pick |",
+             "|---|" + "---|" * (len(args.sweep_lr) + 1)]
+    for label in args.methods:
+        score = {lr: statistics.fmean(math.log(dev[t, label, lr]) for t in args.tasks) for lr in args.sweep_lr}
+        picks[label] = min(score, key=score.get)
+        cells = [" / ".join(f"{dev[t, label, lr]:.3f}" for t in args.tasks) for lr in args.sweep_lr]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {picks[label]:g} |")
+    lines += ["", f"Dev losses per cell: {' / '.join(args.tasks)}.", ""]
+    text = "\n".join(lines)
+    (out / "quality_lr.md").write_text(text)
+    print(text)
+    return picks
+
+
 # ------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,7 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps for every task (default: per task, {TASK_STEPS})")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--budget-rank", type=int, default=4, help="the budget is LoRA at this rank on every linear")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's lr")
@@ -312,6 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default=None, help="keep run folders here (default: a temporary folder)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
     p.add_argument("--smoke", action="store_true", help="a throwaway backbone, 2 steps, tiny splits, one seed")
+    p.add_argument("--sweep-lr", default=None, metavar="LR,LR,...",
+                   help="instead of the benchmark: each method at each of these rates (first seed), "
+                        "the best mean dev loss over the tasks picked; writes quality_lr.md")
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")
     args.methods = args.methods.split(",")
@@ -320,6 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.lr = {m: float(v) for m, v in (item.rsplit("=", 1) for item in args.lr)}
+    args.sweep_lr = [float(v) for v in args.sweep_lr.split(",")] if args.sweep_lr else None
     if args.smoke:
         args.steps, args.eval_every, args.seeds = 2, 1, [0]
     return args
@@ -363,9 +415,17 @@ def main(argv=None) -> None:
             metric = zero[task]["primary_metric"]
             print(f"{task}: backbone zero-shot {metric} {zero[task][metric]:.1f} "
                   f"(e.g. {zero[task]['examples'][0]!r})", flush=True)
-        jobs = [(task, label, seed) for task in args.tasks for label in args.methods for seed in args.seeds]
+        out = Path(args.out) if not args.smoke else Path(scratch) / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        if args.sweep_lr:
+            sweep_learning_rates(args, sizes, runs_root, model_overrides, out, started)
+            if args.smoke:
+                print(f"smoke: wrote {sorted(p.name for p in out.iterdir())}")
+            return
+        jobs = [(task, label, seed, learning_rate(args, label))
+                for task in args.tasks for label in args.methods for seed in args.seeds]
         results = {task: {label: {} for label in args.methods} for task in args.tasks}
-        for (task, label, seed), s in run_all(args, jobs, sizes, runs_root, model_overrides):
+        for (task, label, seed, _), s in run_all(args, jobs, sizes, runs_root, model_overrides):
             results[task][label][seed] = s
             metric = zero[task]["primary_metric"]
             print(f"{task}: {label:16s} seed {seed}: {metric} {s[metric]:.1f}  dev loss {s['dev_loss']:.3f}  "
@@ -381,8 +441,6 @@ def main(argv=None) -> None:
             "total": time.perf_counter() - started,
             "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         }
-        out = Path(args.out) if not args.smoke else Path(scratch) / "out"
-        out.mkdir(parents=True, exist_ok=True)
         text = write_report(args, results, zero, sizes, budget, timings, out)
         print(text)
         if args.smoke:
