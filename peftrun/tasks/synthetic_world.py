@@ -5,12 +5,12 @@ One module holds every name list and lexicon, so that the backbone pretrained on
 and the tasks it is later adapted to speak of the same places, people, jobs and adjectives.
 What differs is the *form*: the corpus uses the templates below (facts as "The job of Mira is
 baker.", questions as "Q: ... A: ...", equations and one-step stories, "..., so Mira was
-happy."), the tasks use
-others (paragraphs and "Question:/Answer:", word problems, "Review:/Sentiment:" with label words
-that mean something else in the corpus). `CORPUS_NEVER` matches those task-only forms; the
-tests check that no corpus document contains one. The words themselves do occur, in everyday
-sentences (`doc_everyday`): without them a word-piece tokenizer trained on the corpus spells
-"positive" or "####" in single letters the backbone never learnt to write.
+happy."), the tasks use others (paragraphs and "Question:/Answer:", word problems,
+"Review:/Sentiment:" with label words that mean something else in the corpus). `CORPUS_NEVER`
+matches those task-only forms; the tests check that no corpus document contains one. The words
+themselves do occur, in everyday sentences (`doc_everyday`): without them a word-piece
+tokenizer trained on the corpus spells "positive" or "####" in single letters the backbone
+never learnt to write.
 
 Everything is a function of a seed through `random.Random`: the same seed gives the same text
 on every machine and Python version (3.2+ string seeding is stable).
@@ -230,7 +230,8 @@ _EVERYDAY = [
     "{p} went away to {place}.", "{p} likes {food}, but {q} does not.", "{p} and {q} have a {animal}.",
     "The {job} lives with a {animal}.", "Answer the door, {p}.", "Review the list, said {q}.",
     "Question the {job}, said {p}.", "Context helps the {job}.", "Sentiment runs high in {place}.",
-    "{p} came to visit the {job}.", "{p} is as tall as {q}.", "The {animal} is a small animal.", "There are many {items} in {place}.",
+    "{p} came to visit the {job}.", "{p} is as tall as {q}.", "The {animal} is a small animal.",
+    "There are many {items} in {place}.",
 ]
 
 
