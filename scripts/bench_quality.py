@@ -133,6 +133,10 @@ def task_steps(args, task: str) -> int:
     return args.steps or TASK_STEPS.get(task, 250)
 
 
+def steps_text(args) -> str:
+    return ", ".join(f"{task} {task_steps(args, task)}" for task in args.tasks)
+
+
 def trainer_overrides(args, steps: int, seed: int, lr: float) -> list[str]:
     return [f"trainer.max_steps={steps}", f"trainer.lr={lr}", f"trainer.seed={seed}",
             "trainer.micro_batch_size=16", "trainer.grad_accum=1", "trainer.eval_batch_size=64",
@@ -198,14 +202,17 @@ def run_all(args, jobs: list, sizes: dict, runs_root: Path, model_overrides: lis
     def folder(task, label, seed, lr):
         return runs_root / task / label.replace(" ", "_") / f"seed{seed}-lr{lr:g}"
 
+    def call(job):  # run_one's arguments
+        task, label, seed, lr = job
+        return (args, task, label, sizes[label][0], seed, lr, folder(*job), model_overrides)
+
     if args.workers <= 1:
         for job in jobs:
-            yield job, run_one(args, *job[:2], sizes[job[1]][0], *job[2:], folder(*job), model_overrides)
+            yield job, run_one(*call(job))
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_one_thread) as pool:
-        futures = {pool.submit(run_one, args, *job[:2], sizes[job[1]][0], *job[2:], folder(*job),
-                               model_overrides): job for job in jobs}
+        futures = {pool.submit(run_one, *call(job)): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
@@ -242,13 +249,12 @@ def write_report(args, results: dict, zero: dict, sizes: dict, budget: int, timi
         f"# Quality at matched budgets (synthetic tasks, `model=tiny_pretrained`)",
         "",
         f"Backbone: {timings['backbone']}. Budget: {budget:,} trainable parameters (LoRA r={args.budget_rank} "
-        f"on every linear); each method's knob is the value nearest it. Steps of batch 16: "
-        + ", ".join(f"{t} {task_steps(args, t)}" for t in args.tasks) + " "
+        f"on every linear); each method's knob is the value nearest it. Steps of batch 16: {steps_text(args)} "
         f"(AdamW, linear decay, 6% warm-up; dev loss every {args.eval_every} steps, best adapter tested; "
         f"greedy decoding); seeds {', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds. "
         f"Learning rates: " + ", ".join(f"{m} {learning_rate(args, m):g}" for m in args.methods) + ".",
-        f"ALoRA: warm-up 40% of the steps, then 3 scoring rounds every 10% on 16 dev examples; its count is the "
-        f"open ranks (it allocates twice as many slots).",
+        "ALoRA: " + "; ".join(f"{t} {' '.join(alora_schedule(task_steps(args, t)))}" for t in args.tasks)
+        + "; its count is the open ranks (it allocates twice as many slots).",
         "",
     ]
     for task in args.tasks:
@@ -327,8 +333,7 @@ def sweep_learning_rates(args, sizes: dict, runs_root: Path, model_overrides: li
         print(f"{task}: {label:16s} lr {lr:g}: dev loss {s['dev_loss']:.3f} "
               f"(elapsed {(time.perf_counter() - started) / 60:.1f} min)", flush=True)
     picks = {}
-    steps = ", ".join(f"{t} {task_steps(args, t)}" for t in args.tasks)
-    lines = [f"# Learning rates for bench_quality.py: best dev loss after {steps} steps, seed {seed}", "",
+    lines = [f"# Learning rates for bench_quality.py: best dev loss after {steps_text(args)} steps, seed {seed}", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.sweep_lr) + " | pick |",
              "|---|" + "---|" * (len(args.sweep_lr) + 1)]
     for label in args.methods:
