@@ -374,9 +374,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.lr = {m: float(v) for m, v in (item.rsplit("=", 1) for item in args.lr)}
-    args.sweep_lr = [float(v) for v in args.sweep_lr.split(",")] if args.sweep_lr else None
+    try:  # argparse's own one-line error (exit 2) for a malformed list
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+        args.lr = {m: float(v) for m, v in (item.rsplit("=", 1) for item in args.lr)}
+        args.sweep_lr = [float(v) for v in args.sweep_lr.split(",")] if args.sweep_lr else None
+    except ValueError as e:
+        p.error(f"--seeds 0,1 / --lr METHOD=LR / --sweep-lr LR,LR: {e}")
+    for m in args.lr:
+        if m not in METHODS:
+            p.error(f"--lr {m}=...: unknown method; choose from {', '.join(METHODS)}")
     if args.smoke:
         args.steps, args.eval_every, args.seeds = 2, 1, [0]
     return args

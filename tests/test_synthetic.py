@@ -239,3 +239,11 @@ def test_quality_benchmark_learning_rate_sweep_smoke(tmp_path):
         assert all(len(c.split(" / ")) == 2 for c in cells[1:3])
         assert cells[3].rstrip(" |") in ("0.001", "0.01")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [["--sweep-lr", "1e-3,x"], ["--lr", "lora"], ["--lr", "lorra=1e-3"], ["--seeds", "a"]])
+def test_quality_benchmark_refuses_malformed_arguments_in_one_line(bad):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), *bad],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("bench_quality.py: error: --")
