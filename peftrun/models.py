@@ -243,6 +243,8 @@ def build_model(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
+    if cfg.quantization == "nf4":
+        _keep_4bit_layout(model)
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = True
@@ -328,6 +330,16 @@ def _quantized_kwargs(cfg: ModelConfig, device) -> dict:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     # dtype applies to what stays unquantized (embeddings, norms, output head).
     return {"quantization_config": quant, "device_map": {"": str(device)}, "dtype": DTYPES[cfg.dtype]}
+
+
+def _keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit layers. On CPUs with AVX512-BF16 it repacks
+    a layer's weights at its first forward in eval mode without gradients (our dev-loss
+    evaluation), rounding the block scales to bf16; from then on no gradient flows back through
+    the layer, so the adapters below it stop learning."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:

@@ -133,3 +133,28 @@ def test_int8_forward_and_backward():
         assert torch.equal(tensor, before[key]), key
     with pytest.raises(RuntimeError, match="quantiz"):
         adapter.merge()
+
+
+def test_nf4_gradients_flow_the_same_after_an_inference_forward():
+    # A dev-loss evaluation (eval mode, no gradients) between training steps must leave the
+    # 4-bit layers as they were: same stored weights, same gradients to every adapter.
+    model, tokenizer, adapter = quantized("nf4")
+    batch = toy_batch(tokenizer)
+    for _, p in adapter.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.02)  # B = 0 would leave A without a gradient
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        token_loss(model, batch).backward()
+        grads = {name: p.grad.clone() for name, p in adapter.trainable_parameters()}
+        for _, p in adapter.trainable_parameters():
+            p.grad = None
+        return grads
+
+    before, state = gradients(), base_state(adapter)
+    model.eval()
+    with torch.no_grad():
+        token_loss(model, batch)
+    after = gradients()
+    assert {k: torch.equal(v, base_state(adapter)[k]) for k, v in state.items()} == {k: True for k in state}
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
