@@ -3,6 +3,8 @@ same metrics and the same log as a run that was never interrupted."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -140,3 +142,64 @@ def test_signal_checkpoints_exits_and_resumes(uninterrupted, tmp_path, signame):
     got = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert summary["test_exact_match"] == reference["test_exact_match"]
+
+
+class SpoilAfter:
+    """Adds noise to the adapter after step `step`'s evaluation, so every later evaluation is
+    worse and the best adapter is that step's, not the last."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, state):
+        if state.step == self.step:
+            with torch.no_grad():
+                for _, p in state.run.adapter.trainable_parameters():
+                    p.add_(torch.randn_like(p))
+
+
+def measured_dev_loss(cfg, adapter_dir) -> float:
+    """The token-mean dev loss of the adapter saved in `adapter_dir`, measured from scratch."""
+    from peftrun.data import collate_train, tokenize_examples
+    from peftrun.methods import load_adapter
+    from peftrun.models import build_model, load_tokenizer
+    from peftrun.tasks import build_task
+    from peftrun.train.loop import label_tokens, token_loss_sum
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer)
+    adapter = load_adapter(adapter_dir, model)
+    features, _ = tokenize_examples(build_task(cfg.task).examples("dev"), tokenizer, cfg.task.max_length)
+    loss, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(features), cfg.trainer.eval_batch_size):
+            batch = collate_train(features[i : i + cfg.trainer.eval_batch_size], tokenizer.pad_token_id)
+            adapter.set_prompt_mask(batch["prompt_mask"])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss += float(token_loss_sum(logits, batch["labels"]))
+            tokens += label_tokens(batch)
+    return loss / tokens
+
+
+def test_the_best_adapter_is_kept_with_the_dev_loss_measured_on_it(tmp_path):
+    # The loop reuses the best evaluation's loss instead of measuring again: it must be the loss
+    # of the adapter it saves.
+    cfg = compose_config("trainer.max_steps=30", "trainer.eval_every=10", "trainer.save_every=0",
+                         "trainer.progress=false", "trainer.micro_batch_size=8", "task.num_train=128",
+                         "task.num_dev=32", "task.num_test=8")
+    summary = train(cfg, tmp_path, extra_callbacks=[SpoilAfter(10)])
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    assert min(evals, key=lambda e: e["dev_loss"])["step"] == 10  # spoiled after step 10
+    assert summary["dev_loss"] == evals[0]["dev_loss"]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    best = load_file(str(tmp_path / "best" / "adapter_model.safetensors"))
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    assert measured_dev_loss(cfg, tmp_path / "adapter") == pytest.approx(summary["dev_loss"], rel=1e-5)
+
+    # Without the best adapter, the last one's loss is measured.
+    cfg.trainer.load_best_at_end = False
+    last = train(cfg, tmp_path / "last", extra_callbacks=[SpoilAfter(10)])
+    assert last["dev_loss"] > summary["dev_loss"]
+    assert measured_dev_loss(cfg, tmp_path / "last" / "adapter") == pytest.approx(last["dev_loss"], rel=1e-5)

@@ -173,11 +173,14 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     console.print(f"[bold]{adapter.method}[/] trainable parameters: {counts['total']:,} "
                   f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k != 'total')})")
 
+    # Dev loss in batches of similar lengths: less padding to compute, the same token sum.
+    eval_feats = sorted(dev_feats, key=lambda f: len(f["input_ids"]))
+
     def dev_loss() -> float:
         model.eval()
         loss, tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         with torch.no_grad():
-            shard, real = padded_shard(dev_feats, rank, world)
+            shard, real = padded_shard(eval_feats, rank, world)
             for i in range(0, len(shard), t.eval_batch_size):
                 batch = collate_train(shard[i : i + t.eval_batch_size], tokenizer.pad_token_id)
                 batch["labels"][max(real - i, 0) :] = -100  # padding rows: same forwards, no loss
@@ -270,12 +273,15 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
             hand_on()
 
     # ------------------------------------------------------------------ final evaluation and save
-    state.dev_loss = dev_loss()
     best = run_dir / "best"
     if t.load_best_at_end and t.eval_every > 0 and (best / ADAPTER_WEIGHTS).exists():
+        # best/ holds exactly the weights its dev loss was measured on (saved at that evaluation,
+        # before anything else of the step): no need to measure it again.
         adapter.load_state_dict(load_file(str(best / ADAPTER_WEIGHTS)))
-        state.dev_loss = dev_loss()
+        state.dev_loss = state.best_dev_loss
         console.print(f"[bold]best[/] adapter of step {state.best_step} loaded (dev loss {state.dev_loss:.4f})")
+    else:
+        state.dev_loss = dev_loss()
     state.metrics, rows = generation_metrics("test")
     adapter_dir = run_dir / "adapter"
     tensors = adapter.state_dict()  # every process: sharded tensors are gathered
