@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, compose_config, run_cli
@@ -157,12 +158,17 @@ QUICK = ["--steps", "3", "--hidden", "32", "--layers", "1", "--batch", "4", "--s
 @pytest.mark.slow
 def test_pretrain_quick_mode_is_seeded_and_trains_through_the_cli(tmp_path):
     pretrain = pretrain_module()
+    # Two data-parallel processes (the default), each with half of every batch.
     info = pretrain.main(["--out", str(tmp_path / "a"), *QUICK])
     pretrain.main(["--out", str(tmp_path / "b"), *QUICK])
     pretrain.main(["--out", str(tmp_path / "c"), *QUICK, "--seed", "1"])
-    a, b, c = (load_file(str(tmp_path / x / "model.safetensors")) for x in "abc")
+    pretrain.main(["--out", str(tmp_path / "d"), *QUICK, "--procs", "1"])
+    a, b, c, d = (load_file(str(tmp_path / x / "model.safetensors")) for x in "abcd")
+    assert info["args"]["procs"] == 2
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # same seed, same weights
     assert any((a[k] != c[k]).any() for k in a)
+    # One process on the whole batch takes the same steps, up to the order of float additions.
+    assert all(torch.allclose(a[k], d[k], rtol=1e-4, atol=1e-6) for k in a)
     assert info["heldout_loss"]["all"] > 0 and set(SKILLS) < set(info["heldout_loss"])
     assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain.json"} <= {
         p.name for p in (tmp_path / "a").iterdir()}
@@ -176,6 +182,16 @@ def test_pretrain_quick_mode_is_seeded_and_trains_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (run_dir / "summary.json").read_text()
     assert '"steps": 1' in summary and '"test_accuracy"' in summary
+
+
+@pytest.mark.parametrize("bad", [["--procs", "3"], ["--procs", "0"], ["--batch", "x"]])
+def test_pretrain_refuses_bad_arguments_in_one_line(bad, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_tiny.py"), "--out", str(tmp_path / "out"),
+                        *bad], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("pretrain_tiny.py: error: ") and bad[0] in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_pretrained_folder_exits_2_naming_the_command(tmp_path, monkeypatch, capsys):
