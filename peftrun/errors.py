@@ -15,6 +15,9 @@ class ConfigError(Exception):
         self.message = message
         super().__init__(f"{key}: {message}")
 
+    def __reduce__(self):  # survives pickling (a worker process raising it in a pool)
+        return type(self), (self.key, self.message)
+
 
 def fail(err: Exception, prog: str = "peftrun") -> "NoReturn":  # noqa: F821
     """Print `err` as one line on stderr and exit 2, with no traceback."""

@@ -140,3 +140,15 @@ def test_overrides_reach_the_composed_config():
     cfg = compose_config("method.r=4", "trainer.lr=1e-4", "model=tiny_gpt2", "task=jsonl")
     assert (cfg.method.r, cfg.trainer.lr, cfg.model.name, cfg.task.name) == (4, 1e-4, "tiny_gpt2", "jsonl")
     assert isinstance(cfg.method.r, int) and isinstance(cfg.trainer.lr, float)
+
+
+def test_a_config_error_survives_pickling():
+    # A run in a worker process (bench_quality.py's pool) hands its error back pickled.
+    import pickle
+
+    from peftrun.errors import ConfigError
+
+    err = pickle.loads(pickle.dumps(ConfigError("method.r", "must be at least 1; set method.r=8")))
+    assert isinstance(err, ConfigError)
+    assert (err.key, err.message, str(err)) == ("method.r", "must be at least 1; set method.r=8",
+                                                "method.r: must be at least 1; set method.r=8")
