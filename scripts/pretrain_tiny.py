@@ -2,9 +2,10 @@
 
 The corpus (`peftrun/tasks/synthetic_world.py`) exercises skills the synthetic downstream tasks
 reuse in other forms: copying spans, looking up facts stated in the context, one- to three-step
-arithmetic (bare, worked, and in one-step stories), a few instruction formats, which adjectives
-make people happy or sad, and everyday sentences that use the tasks' words. Documents (BOS +
-text + EOS) are packed into windows of `--seq` tokens; the loss covers every token.
+arithmetic (bare, worked, and in stories, worked out when they have several steps), a few
+instruction formats, which adjectives make people happy or sad, and everyday sentences that use
+the tasks' words. Documents (BOS + text + EOS) are packed into windows of `--seq` tokens; the
+loss covers every token.
 
 Two data-parallel processes of one thread each share every batch (`--procs`, DDP over gloo).
 One thread per process needs no OpenMP team, so the speed does not hang on how idle threads

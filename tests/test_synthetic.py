@@ -55,6 +55,11 @@ def test_corpus_covers_every_skill_and_is_right():
     assert len(stories) > 20
     for a, _, b, more, r in stories:
         assert int(a) + (int(b) if more else -int(b)) == int(r)
+    worked = [w for d in by_skill["arithmetic"] for w in re.findall(r"has (\d+) \w+\. [^\n]*? (\d+) [+-] \d+ = "
+                                                                       r"[^\n]*= (\d+)\. Now \w+ has (\d+)", d)]
+    assert len(worked) > 20
+    for start, first_operand, last_result, end in worked:  # the work starts from the story's count
+        assert start == first_operand and last_result == end
     # Copying: the span comes back verbatim.
     for doc in by_skill["copy"]:
         for line in doc.splitlines():

@@ -20,8 +20,8 @@ import random
 
 from peftrun.tasks.base import BuiltOnce, Example, check_counts, check_limits, distinct, generated_splits
 from peftrun.tasks.metrics import choice_accuracy, mean_score, number_match, squad_scores
-from peftrun.tasks.synthetic_world import (ANIMALS, COLORS, FOODS, GAIN, ITEMS, JOBS, LOSS, NEGATIVE, PEOPLE,
-                                           PLACES, POSITIVE, arithmetic_chain, render_chain)
+from peftrun.tasks.synthetic_world import (ANIMALS, COLORS, FOODS, JOBS, NEGATIVE, PEOPLE, PLACES, POSITIVE,
+                                           arithmetic_chain, render_chain, story)
 
 
 class SyntheticTask(BuiltOnce):
@@ -116,13 +116,9 @@ class SynthMathTask(SyntheticTask):
     primary_metric = "accuracy"
 
     def draw(self, rng: random.Random) -> Example:
-        p = rng.choice(PEOPLE)
-        item = rng.choice(ITEMS)
         chain, final = arithmetic_chain(rng, rng.randint(2, 30), 2)
-        story = [f"{p} has {chain[0][0]} {item}."]
-        for _, op, b, _ in chain:
-            story.append(rng.choice(GAIN if op == "+" else LOSS).format(p=p, b=b))
-        prompt = f"Question: {' '.join(story)} How many {item} does {p} have now?\nAnswer:"
+        text, p, item = story(rng, chain)
+        prompt = f"Question: {text} How many {item} does {p} have now?\nAnswer:"
         target = f" {render_chain(chain)} #### {final}"
         return Example(prompt=prompt, target=target, references=[target])
 

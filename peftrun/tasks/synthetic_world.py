@@ -157,17 +157,32 @@ def render_chain(chain: list[tuple[int, str, int, int]]) -> str:
     return " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in chain)
 
 
+def story(rng: random.Random, chain: list[tuple[int, str, int, int]]) -> tuple[str, str, str]:
+    """A count that changes step by step: ("Mira has 7 eggs. Mira sells 3. Mira finds 5 more.",
+    the person, the item)."""
+    p, item = rng.choice(PEOPLE), rng.choice(ITEMS)
+    changes = [rng.choice(GAIN if op == "+" else LOSS).format(p=p, b=b) for _, op, b, _ in chain]
+    return " ".join([f"{p} has {chain[0][0]} {item}.", *changes]), p, item
+
+
+def worked_story(rng: random.Random, chain: list[tuple[int, str, int, int]]) -> tuple[str, str]:
+    """A story and how it ends, worked when it has several steps: ("Mira has 7 eggs. Mira sells 3.
+    Mira finds 5 more.", " 7 - 3 = 4. 4 + 5 = 9. Now Mira has 9 eggs.")."""
+    text, p, item = story(rng, chain)
+    worked = f" {render_chain(chain)}" if len(chain) > 1 else ""
+    return text, f"{worked} Now {p} has {chain[-1][3]} {item}."
+
+
 def doc_arithmetic(rng: random.Random) -> str:
-    """Bare equations, chains and one-step stories: "14 - 5 = 9", "Compute 7 + 5 - 3. 7 + 5 = 12.
-    12 - 3 = 9. So the result is 9.", "Mira has 7 eggs. Mira sells 3. Now Mira has 4 eggs."."""
+    """Bare equations, chains and stories: "14 - 5 = 9", "Compute 7 + 5 - 3. 7 + 5 = 12. 12 - 3 =
+    9. So the result is 9.", "Mira has 7 eggs. Mira sells 3. Now Mira has 4 eggs.", and stories of
+    several steps worked out before the end: "... Mira finds 5 more. 7 - 3 = 4. 4 + 5 = 9. Now
+    Mira has 9 eggs."."""
     lines = []
     for _ in range(rng.randint(2, 4)):
         chain, final = arithmetic_chain(rng, rng.randint(1, 40), rng.randint(1, 3))
-        if len(chain) == 1 and rng.random() < 0.5:
-            a, op, b, r = chain[0]
-            p, item = rng.choice(PEOPLE), rng.choice(ITEMS)
-            change = rng.choice(GAIN if op == "+" else LOSS).format(p=p, b=b)
-            lines.append(f"{p} has {a} {item}. {change} Now {p} has {r} {item}.")
+        if rng.random() < 0.5:
+            lines.append("".join(worked_story(rng, chain)))
         elif len(chain) == 1:
             a, op, b, r = chain[0]
             lines.append(f"{a} {op} {b} = {r}")
@@ -254,7 +269,7 @@ def skill_probes(seed: int, n: int) -> dict[str, list[tuple[str, str]]]:
 """
     rng = random.Random(f"probe-{seed}")
     probes: dict[str, list[tuple[str, str]]] = {k: [] for k in ("lookup", "copy", "arithmetic", "chain",
-                                                                "instruction", "sentiment")}
+                                                                "story", "instruction", "sentiment")}
     for _ in range(n):
         facts = _facts(rng, 1 if rng.random() < 0.6 else 2)
         r, s, v = rng.choice(facts)
@@ -267,6 +282,7 @@ def skill_probes(seed: int, n: int) -> dict[str, list[tuple[str, str]]]:
         chain, final = arithmetic_chain(rng, rng.randint(1, 40), 2)
         expr = str(chain[0][0]) + "".join(f" {o} {b_}" for _, o, b_, _ in chain)
         probes["chain"].append((f"Compute {expr}.", f" {render_chain(chain)} So the result is {final}."))
+        probes["story"].append(worked_story(rng, arithmetic_chain(rng, rng.randint(1, 40), 2)[0]))
         text, fn = rng.choice(_INSTRUCTIONS)
         words = _word_list(rng, 2, 5).split()
         probes["instruction"].append((f"Instruction: {text}\nInput: {' '.join(words)}\nOutput:", f" {fn(words)}"))
@@ -286,7 +302,7 @@ DOCS: dict[str, Callable[[random.Random], str]] = {
     "everyday": doc_everyday,
 }
 # How often each skill's documents occur (lookup and arithmetic are the hardest to learn).
-MIX = {"lookup": 0.3, "copy": 0.2, "arithmetic": 0.22, "instruction": 0.08, "sentiment": 0.08, "everyday": 0.12}
+MIX = {"lookup": 0.3, "copy": 0.16, "arithmetic": 0.26, "instruction": 0.08, "sentiment": 0.08, "everyday": 0.12}
 
 
 def corpus_documents(seed: int, mix: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
