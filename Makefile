@@ -13,10 +13,12 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: run test bench bench-quality install clean
 
+# --no-compile: byte-compiling every installed module (torch's thousands) took over half of the
+# install; Python compiles the few a run imports the first time it imports them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
