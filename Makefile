@@ -3,7 +3,8 @@
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
 #             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
-#                     small backbone first when models/tiny_pretrained is missing; about 45 min on 2 cores)
+#                     small backbone first when models/tiny_pretrained is missing; 41 to 49 min on 2 cores,
+#                     by the machine's speed)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

@@ -17,7 +17,7 @@ differently, and the weights differ (the held-out loss and skills by little). Th
 its tokenizer are written with `save_pretrained` into a temporary folder that is renamed at
 the end, so an interrupted run never leaves a folder that looks complete.
 
-    python scripts/pretrain_tiny.py                            # models/tiny_pretrained (~15 min, 2 cores)
+    python scripts/pretrain_tiny.py                            # models/tiny_pretrained (13-22 min, 2 cores)
     python scripts/pretrain_tiny.py --out /tmp/tp --steps 3 --hidden 32 --layers 1   # a smoke run
 """
 
