@@ -3,7 +3,7 @@
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
 #             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
-#                     small backbone first when models/tiny_pretrained is missing; 41 to 49 min on 2 cores,
+#                     small backbone first when models/tiny_pretrained is missing; 42 to 50 min on 2 cores,
 #                     by the machine's speed)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,12 +14,10 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: run test bench bench-quality install clean
 
-# --no-compile: byte-compiling every installed module (torch's thousands) took over half of the
-# install; Python compiles the few a run imports the first time it imports them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
