@@ -138,14 +138,16 @@ def task_eval_every(args, task: str) -> int:
     """Dev loss half-way and at the last step (`--eval-every N`: every N steps). With linear decay
     to zero the best adapter is nearly always a late one, and each check of the 200 dev examples
     costs about ten training steps."""
-    if args.eval_every:
+    if args.eval_every is not None:
         return args.eval_every
     steps = task_steps(args, task)
     return steps // 2 if steps % 2 == 0 else steps
 
 
 def eval_text(args) -> str:
-    return f"every {args.eval_every} steps" if args.eval_every else "half-way and at the end"
+    if args.eval_every is None:
+        return "half-way and at the end"
+    return f"every {args.eval_every} steps" if args.eval_every else "at the end only"
 
 
 def steps_text(args) -> str:
@@ -381,7 +383,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps for every task (default: per task, {TASK_STEPS})")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="dev loss every N steps (default: half-way and at the last step)")
+                   help="dev loss every N steps (0: at the end only; default: half-way and at the last step)")
     p.add_argument("--budget-rank", type=int, default=4, help="the budget is LoRA at this rank on every linear")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's lr")
     p.add_argument("--out", default=str(ROOT / "bench"))
@@ -403,6 +405,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sweep_lr = [float(v) for v in args.sweep_lr.split(",")] if args.sweep_lr else None
     except ValueError as e:
         p.error(f"--seeds 0,1 / --lr METHOD=LR / --sweep-lr LR,LR: {e}")
+    if args.eval_every is not None and args.eval_every < 0:
+        p.error(f"--eval-every {args.eval_every}: give a number of steps, 0 or more")
     for m in args.lr:
         if m not in METHODS:
             p.error(f"--lr {m}=...: unknown method; choose from {', '.join(METHODS)}")

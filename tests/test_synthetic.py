@@ -262,7 +262,8 @@ def test_quality_benchmark_learning_rate_sweep_smoke(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", [["--sweep-lr", "1e-3,x"], ["--lr", "lora"], ["--lr", "lorra=1e-3"], ["--seeds", "a"]])
+@pytest.mark.parametrize("bad", [["--sweep-lr", "1e-3,x"], ["--lr", "lora"], ["--lr", "lorra=1e-3"], ["--seeds", "a"],
+                                 ["--eval-every", "-1"]])
 def test_quality_benchmark_refuses_malformed_arguments_in_one_line(bad):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), *bad],
                        capture_output=True, text=True)
