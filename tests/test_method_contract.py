@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import compose_config, tiny_model, toy_batch
 from peftrun.methods import build_method, load_adapter, save_adapter
-from peftrun.train.loop import token_loss_sum
+from peftrun.train.loss import keeps_logits, labelled_loss_sum, token_loss_sum
 
 
 @dataclass
@@ -136,6 +136,29 @@ def test_one_step_lowers_loss(case):
     with torch.no_grad():
         after = loss()
     assert after < before
+
+
+def test_labelled_logits_loss_equals_full_logits_loss(case):
+    """The loop applies the LM head only where a label is predicted: the loss and every
+    gradient are those of the full logits."""
+    _, model, tokenizer, adapter = attach(case)
+    perturb(adapter)
+    batch = toy_batch(tokenizer, n=8)
+    assert keeps_logits(model)
+    model.eval()
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    results = []
+    for kept in (False, True):
+        loss = labelled_loss_sum(model, batch, kept)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in adapter.trainable_parameters()}))
+        model.zero_grad(set_to_none=True)
+    adapter.set_prompt_mask(None)
+    (full, full_grads), (kept, kept_grads) = results
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)
+    assert kept_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_save_load_round_trip(case, tmp_path):

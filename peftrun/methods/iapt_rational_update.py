@@ -9,7 +9,8 @@ step, so a resumed run repeats the same updates."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..train.loss import keeps_logits, label_tokens, labelled_loss_sum
 
 
 class AlternatingRationalUpdate:
@@ -60,9 +61,7 @@ class AlternatingRationalUpdate:
         try:
             self.adapter.set_prompt_mask(batch["prompt_mask"])
             with run.accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                   ignore_index=-100)
+                loss = labelled_loss_sum(model, batch, keeps_logits(model)) / max(1, label_tokens(batch))
             loss.backward()
         finally:
             self.on_dev = False

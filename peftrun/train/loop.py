@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from ..data import collate_train
 from ..distributed import is_sharded, make_accelerator, padded_shard
 from ..token_cache import tokenize_cached
+from .loss import keeps_logits, label_tokens, labelled_loss_sum, token_loss_sum  # noqa: F401 (token_loss_sum: re-exported)
 from ..errors import ConfigError
 from ..generate import generate
 from ..methods import ADAPTER_WEIGHTS, build_method, save_adapter
@@ -63,17 +63,6 @@ def lr_lambda(total: int, warmup: int, kind: str):
         return 1.0
 
     return factor
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions (normalized by the caller)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
-
-
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 class DataOrder:
@@ -151,6 +140,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
     model, optimizer = acc.prepare(model, optimizer)
     base_model = acc.unwrap_model(model)
+    kept_logits = keeps_logits(base_model)  # the LM head only where a label is predicted
     sharded = is_sharded(acc)
     params = [p for _, p in adapter.trainable_parameters()]  # FSDP replaced them with sharded ones
 
@@ -187,8 +177,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 adapter.set_prompt_mask(batch["prompt_mask"])
                 with acc.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss += token_loss_sum(logits, batch["labels"])
+                    loss += labelled_loss_sum(model, batch, kept_logits)
                 tokens += label_tokens(batch)
         adapter.set_prompt_mask(None)
         model.train()
@@ -236,8 +225,7 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = ()) -
                     with nullcontext() if sync else acc.no_sync(model):
                         adapter.set_prompt_mask(batch["prompt_mask"])
                         with acc.autocast():
-                            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        loss_sum = token_loss_sum(logits, batch["labels"])
+                            loss_sum = labelled_loss_sum(model, batch, kept_logits)
                         # DDP averages gradients over processes; scale back to a global token mean.
                         acc.backward(loss_sum * world / n_tokens.clamp(min=1))
                     step_loss += loss_sum.detach()
