@@ -12,7 +12,8 @@ from conftest import compose_config, tiny_model, toy_batch
 from peftrun.errors import ConfigError
 from peftrun.methods import build_method
 from peftrun.methods.alora_schedule import reallocate
-from peftrun.train.loop import token_loss_sum, train
+from peftrun.train.loop import train
+from peftrun.train.loss import token_loss_sum
 
 
 def attach(*overrides: str):

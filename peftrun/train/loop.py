@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from ..data import collate_train
 from ..distributed import is_sharded, make_accelerator, padded_shard
 from ..token_cache import tokenize_cached
-from .loss import keeps_logits, label_tokens, labelled_loss_sum, token_loss_sum  # noqa: F401 (token_loss_sum: re-exported)
 from ..errors import ConfigError
 from ..generate import generate
 from ..methods import ADAPTER_WEIGHTS, build_method, save_adapter
@@ -31,6 +30,7 @@ from ..models import build_model, load_tokenizer
 from ..tasks import build_task
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, TrainState, fire
 from .checkpoint import check_resumable, load_checkpoint, remove_partial
+from .loss import keeps_logits, label_tokens, labelled_loss_sum
 from .preemption import catch_preemption
 
 
