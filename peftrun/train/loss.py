@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -22,7 +23,13 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the (unwrapped) model's forward takes `logits_to_keep` (transformers' causal LMs)."""
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    # Per class, once: callers may ask on every step.
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def labelled_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], kept_logits: bool = True) -> torch.Tensor:
