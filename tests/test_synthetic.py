@@ -148,10 +148,10 @@ def test_synthetic_metrics_on_hand_examples():
 
 
 # ---------------------------------------------------------------------- the pretrained backbone
-def pretrain_module():
+def script_module(name: str):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        return importlib.import_module("pretrain_tiny")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "scripts"))
 
@@ -162,7 +162,7 @@ QUICK = ["--steps", "3", "--hidden", "32", "--layers", "1", "--batch", "4", "--s
 
 @pytest.mark.slow
 def test_pretrain_quick_mode_is_seeded_and_trains_through_the_cli(tmp_path):
-    pretrain = pretrain_module()
+    pretrain = script_module("pretrain_tiny")
     # Two data-parallel processes (the default), each with half of every batch.
     info = pretrain.main(["--out", str(tmp_path / "a"), *QUICK])
     pretrain.main(["--out", str(tmp_path / "b"), *QUICK])
@@ -260,6 +260,22 @@ def test_quality_benchmark_learning_rate_sweep_smoke(tmp_path):
         assert all(len(c.split(" / ")) == 2 for c in cells[1:3])
         assert cells[3].rstrip(" |") in ("0.001", "0.01")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quality_benchmark_runs_one_thread_in_process_too(monkeypatch):
+    # The thread count moves float rounding, so `--workers 1` must run as the workers do.
+    bench = script_module("bench_quality")
+    monkeypatch.setattr(bench, "run_one", lambda *a: {"threads": torch.get_num_threads()})
+    args = bench.parse_args(["--workers", "1"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = list(bench.run_all(args, [("synth_qa", "lora", 0, 1e-2), ("synth_qa", "lora", 1, 1e-2)],
+                                  {"lora": (4, 0)}, Path("unused"), []))
+        assert [s["threads"] for _, s in runs] == [1, 1]
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bad", [["--sweep-lr", "1e-3,x"], ["--lr", "lora"], ["--lr", "lorra=1e-3"], ["--seeds", "a"],
