@@ -404,7 +404,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-rank", type=int, default=4, help="the budget is LoRA at this rank on every linear")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's lr")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--runs", default=None, help="keep run folders here (default: a temporary folder)")
+    p.add_argument("--runs", default=None, help="keep run folders here (default: a temporary folder); "
+                   "a rerun with the same folder resumes its runs (finished ones are not trained again)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
     p.add_argument("--smoke", action="store_true", help="a throwaway backbone, 2 steps, tiny splits, one seed")
     p.add_argument("--sweep-lr", default=None, metavar="LR,LR,...",
