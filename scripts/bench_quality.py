@@ -185,6 +185,19 @@ def learning_rate(args, label: str) -> float:
     return args.lr.get(label, METHODS[label][4])
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread for a run, in a worker process or in this one (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_one(args, task: str, label: str, k: int, seed: int, lr: float, run_dir: Path,
             model_overrides: list[str]) -> dict:
     from peftrun.train.loop import train
@@ -198,39 +211,22 @@ def run_one(args, task: str, label: str, k: int, seed: int, lr: float, run_dir: 
     started = time.perf_counter()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = run_dir.parent / f"{run_dir.name}.log"  # the run's own output (its summary table...)
-    with log_file.open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    # One thread, whatever --workers: the thread count splits float sums differently, which
+    # moves the last bits of a run and, through them, some outcomes (IAPT's on synth_math
+    # can go from about 90% to about 3%), so `--workers 1` gives the default's numbers.
+    with one_thread(), log_file.open("w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         summary = train(cfg, run_dir)
     summary["wall_seconds"] = time.perf_counter() - started
     summary["lr"] = lr
     return summary
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One torch thread for the runs made in this process (`--workers 1`), as in the workers."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_all(args, jobs: list, sizes: dict, runs_root: Path, model_overrides: list[str]):
     """Yield ((task, label, seed, lr), summary) as runs finish. With --workers 2 (the default) two
     one-thread runs share the two cores: tiny models keep two threads poorly busy, so this
-    finishes the set about 1.25x sooner than one two-thread run at a time. Every run has one
-    thread, whatever --workers: the thread count splits float sums differently, which moves the
-    last bits of every run and, through them, some outcomes (IAPT's on synth_math can go from
-    about 90% to about 3%), so `--workers 1` gives the default's numbers."""
+    finishes the set about 1.25x sooner than one two-thread run at a time (each run has one
+    thread either way, see `run_one`)."""
     def folder(task, label, seed, lr):
         return runs_root / task / label.replace(" ", "_") / f"seed{seed}-lr{lr:g}"
 
@@ -240,12 +236,10 @@ def run_all(args, jobs: list, sizes: dict, runs_root: Path, model_overrides: lis
 
     if args.workers <= 1:
         for job in jobs:
-            with one_thread():
-                summary = run_one(*call(job))
-            yield job, summary
+            yield job, run_one(*call(job))
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         futures = {pool.submit(run_one, *call(job)): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()

@@ -262,16 +262,18 @@ def test_quality_benchmark_learning_rate_sweep_smoke(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quality_benchmark_runs_one_thread_in_process_too(monkeypatch):
+def test_quality_benchmark_runs_one_thread_in_process_too(monkeypatch, tmp_path):
     # The thread count moves float rounding, so `--workers 1` must run as the workers do.
+    import peftrun.train.loop
+
     bench = script_module("bench_quality")
-    monkeypatch.setattr(bench, "run_one", lambda *a: {"threads": torch.get_num_threads()})
+    monkeypatch.setattr(peftrun.train.loop, "train", lambda cfg, run_dir: {"threads": torch.get_num_threads()})
     args = bench.parse_args(["--workers", "1"])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         runs = list(bench.run_all(args, [("synth_qa", "lora", 0, 1e-2), ("synth_qa", "lora", 1, 1e-2)],
-                                  {"lora": (4, 0)}, Path("unused"), []))
+                                  {"lora": (4, 0)}, tmp_path, []))
         assert [s["threads"] for _, s in runs] == [1, 1]
         assert torch.get_num_threads() == 2  # restored afterwards
     finally:
