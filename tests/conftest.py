@@ -71,6 +71,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread, so a busy machine's thread pool does not dominate the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -19,12 +19,7 @@ from peftrun.methods import build_method, load_adapter, save_adapter
 PROMPTS = ["max 3815=", "min 42=", "sort 9071=", "max 5="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: the thread pool's cost would dominate on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_run(folder: Path, method: str, model_name: str = "tiny", seed: int = 0, *overrides: str) -> Path:

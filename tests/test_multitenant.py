@@ -30,13 +30,7 @@ PROMPTS = ["max 3815=", "min 42=", "sort 9071=", "max 5=", "sum 1234=", "min 777
 NAMES = ["a", "b", None, "c", "a", "b"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread, so a busy machine's thread pool does not dominate the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)
