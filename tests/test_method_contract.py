@@ -89,7 +89,7 @@ def test_injection_and_counts(case):
     counts = adapter.parameter_counts()
     assert counts["total"] == sum(p.numel() for p in owned) == sum(v for k, v in counts.items() if k != "total")
     if cfg.method.name == "lora":
-        from peftrun.methods.targets import find_targets, linear_features
+        from peftrun.methods.targets import linear_features
 
         names = adapter.config_dict()["target_modules"]
         expected = sum(cfg.method.r * sum(linear_features(model.get_submodule(n))) for n in names)
