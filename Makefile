@@ -1,5 +1,5 @@
 # make run  : create .venv, install, train the embedded default (tiny model, toy task, LoRA)
-# make test : create .venv, install, run the tests
+# make test : create .venv, install, run the tests (one pytest-xdist worker per core, up to 8)
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
 #             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
@@ -26,7 +26,7 @@ run: $(VENV)/.installed
 	$(BIN)/peftrun
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist worksteal
 
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_train.py

@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `make test` runs one pytest worker per core (pytest-xdist): one torch thread per process, here
+# and in the runs tests start, or the workers' OpenMP teams fight over the cores. Tiny models gain
+# nothing from a second thread anyway.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+torch.set_num_threads(1)
 
 
 def compose_config(*overrides: str):
@@ -69,15 +75,6 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         [sys.executable, "-m", "peftrun", *args],
         cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models: one thread, so a busy machine's thread pool does not dominate the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ temporary working directory, so nothing is written into the repository.
 from __future__ import annotations
 
 import json
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,17 +28,6 @@ TINY = (
     "task.num_train=64", "task.num_dev=16", "task.num_test=16",
 )
 RANK = 6  # not the default (8), so that config.yaml provably holds what was passed
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_run():
-    """Runs overlap (the bad-input cases run in the background): one torch thread each, or two
-    processes spinning two OpenMP threads apiece on two cores slow each other several-fold."""
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            if var not in os.environ:
-                mp.setenv(var, "1")
-        yield
 
 
 def files_bytes(folder: Path) -> dict[str, bytes]:
@@ -211,7 +199,7 @@ def _bad_input_case(folder: Path, overrides: list[str]):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bad_input_results(request, tmp_path_factory, one_thread_per_run):
+def bad_input_results(request, tmp_path_factory):
     """The selected bad-input cases, started with the module's first test and run one at a time
     in the background, beside the other tests' runs (each case is mostly start-up time)."""
     selected = [item.callspec.params["case_id"] for item in request.session.items

@@ -19,9 +19,6 @@ from peftrun.methods import build_method, load_adapter, save_adapter
 PROMPTS = ["max 3815=", "min 42=", "sort 9071=", "max 5="]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def make_run(folder: Path, method: str, model_name: str = "tiny", seed: int = 0, *overrides: str) -> Path:
     """A run folder as `peftrun` leaves it (config.yaml, adapter/), with a random adapter far
     enough from its init to change the outputs."""

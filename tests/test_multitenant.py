@@ -30,9 +30,6 @@ PROMPTS = ["max 3815=", "min 42=", "sort 9071=", "max 5=", "sum 1234=", "min 777
 NAMES = ["a", "b", None, "c", "a", "b"]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @functools.lru_cache(maxsize=None)
 def method_config(*overrides: str):
     return compose_config(*overrides).method  # composing is the slow part of attaching a tiny adapter

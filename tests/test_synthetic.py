@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -172,8 +171,10 @@ def test_pretrain_quick_mode_is_seeded_and_trains_through_the_cli(tmp_path):
     assert info["args"]["procs"] == 2
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # same seed, same weights
     assert any((a[k] != c[k]).any() for k in a)
-    # One process on the whole batch takes the same steps, up to the order of float additions.
-    assert all(torch.allclose(a[k], d[k], rtol=1e-4, atol=1e-6) for k in a)
+    # One process on the whole batch takes the same steps, up to the order of float additions,
+    # which Adam scales up where a gradient is nearly zero (a few 1e-6 after 3 steps; a step
+    # taken differently would move a weight by about the learning rate, 2e-3).
+    assert all(torch.allclose(a[k], d[k], rtol=1e-4, atol=2e-5) for k in a)
     assert info["heldout_loss"]["all"] > 0 and set(SKILLS) < set(info["heldout_loss"])
     assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain.json"} <= {
         p.name for p in (tmp_path / "a").iterdir()}
