@@ -77,6 +77,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     )
 
 
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="no torchrun")
+
+
+def run_torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS`: two CPU processes over gloo, one OpenMP
+    thread each (set above). `--standalone` takes a free rendezvous port, so runs started by
+    parallel test workers do not collide on torchrun's default one."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

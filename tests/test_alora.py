@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_config, tiny_model, toy_batch
+from conftest import ROOT, compose_config, needs_torchrun, run_torchrun, tiny_model, toy_batch
 from peftrun.errors import ConfigError
 from peftrun.methods import build_method
 from peftrun.methods.alora_schedule import reallocate
@@ -241,23 +241,15 @@ def test_more_ranks_per_round_than_open_ranks_is_refused():
 
 
 @pytest.mark.slow
+@needs_torchrun
 def test_two_processes_take_the_same_decisions(tmp_path):
     """2 processes (gloo on CPU) split the scoring, gather the scores and must close and open the
     same ranks: their gates and tensors are equal after the rounds, and equal to the saved adapter."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = ["method.r_init=4", "method.max_rank=6", "method.warmup_steps=4", "method.interval_steps=3",
             "method.rounds=2", "method.dev_batch_size=16", "trainer.max_steps=10", "trainer.micro_batch_size=8",
             "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress=false", "task.num_train=128",
             "task.num_dev=16", "task.num_test=8"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([torchrun, "--nproc_per_node", "2", str(ROOT / "tests" / "ddp_run.py"), "alora",
-                          str(tmp_path), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = run_torchrun(str(ROOT / "tests" / "ddp_run.py"), "alora", str(tmp_path), *args)
     assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = (load_file(str(tmp_path / f"rank{k}.safetensors")) for k in (0, 1))
     init = load_file(str(tmp_path / "init0.safetensors"))

@@ -5,16 +5,13 @@ mean of per-batch means differ from the token mean, so these tests would catch i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, needs_torchrun, run_torchrun
 from peftrun.cli import validate
 from peftrun.errors import ConfigError
 from peftrun.train.loop import train
@@ -48,14 +45,8 @@ def test_micro_batches_equal_one_batch(tmp_path):
     assert_same_training(tmp_path / "one", tmp_path / "accum")
 
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="no torchrun")
-
-
 def torchrun(*args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([TORCHRUN, "--nproc_per_node", "2", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = run_torchrun(*args)
     assert run.returncode == 0, run.stderr[-2000:]
 
 

@@ -5,15 +5,12 @@ merging into a plain backbone, in-process training of the presets, and a CLI run
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, run_cli, tiny_model, toy_batch
+from conftest import ROOT, compose_config, needs_torchrun, run_cli, run_torchrun, tiny_model, toy_batch
 from peftrun.errors import ConfigError
 from peftrun.export import export_peft, merge_into_backbone
 from peftrun.methods import build_method, load_adapter, save_adapter
@@ -234,16 +231,11 @@ def test_cli_trains_tl6(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="no torchrun")
+@needs_torchrun
 def test_two_processes_keep_the_tied_tensors_identical(tmp_path):
     """2 processes (gloo on CPU) train tl6; afterwards both hold the same tied A and B (moved
     from their init), equal to the saved adapter."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", str(ROOT / "tests" / "ddp_run.py"), "tied_lora", str(tmp_path), *TRAIN],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    run = run_torchrun(str(ROOT / "tests" / "ddp_run.py"), "tied_lora", str(tmp_path), *TRAIN)
     assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = (load_file(str(tmp_path / f"rank{k}.safetensors")) for k in (0, 1))
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
