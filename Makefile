@@ -3,7 +3,7 @@
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
 #             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
-#                     small backbone first when models/tiny_pretrained is missing; 34 to 54 min on 2 cores,
+#                     small backbone first when models/tiny_pretrained is missing; 37 to 57 min on 2 cores,
 #                     by the machine's speed)
 PYTHON ?= python3
 VENV   ?= .venv
