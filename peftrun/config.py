@@ -1,4 +1,5 @@
-"""Schemas of every config group, registered in Hydra's ConfigStore.
+"""Schemas of the shared config groups (model, task, trainer), registered in Hydra's ConfigStore;
+each method's schema lives with the method and is registered with it (peftrun.methods).
 
 Each option file in conf/<group>/ names its schema in its defaults list (for example
 `conf/method/lora.yaml` starts from `lora_schema`), so an unknown key or a value of the wrong
@@ -135,109 +136,10 @@ class SyntheticTaskConfig(TaskConfig):
 # -------------------------------------------------------------------------------------- method
 @dataclass
 class MethodConfig:
+    """The base of every method's schema; each method's own lives beside its code
+    (peftrun/methods/<name>/config.py) and is registered with the method."""
+
     name: str = MISSING
-
-
-@dataclass
-class LoraConfig(MethodConfig):
-    name: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    # "all-linear" (every linear layer but the output head), a list of module-name suffixes
-    # (["q_proj", "v_proj"]), or a regular expression matched against full module names.
-    targets: Any = "all-linear"
-    init: str = "kaiming"  # kaiming | gaussian : A's init; B starts at zero
-    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-
-
-@dataclass
-class TiedLoraConfig(MethodConfig):
-    """Tied-LoRA: h_i = W_i x + v_i * (B (u_i * (A x))), A and B shared by every layer.
-    `preset` fills every flag below that is left null; set a flag to reach any other pattern."""
-
-    name: str = "tied_lora"
-    preset: str = "tl6"  # lora (the paper's vBuA, untied) | tl5 | tl6 | vera
-    r: int = 8  # no alpha: the paper's alpha = r, so the update is unscaled
-    # "qkv": the attention's q|k|v output as one fused projection (q_proj/k_proj/v_proj or
-    # c_attn); other entries are module-name suffixes (o_proj, up_proj, c_fc...), each kind with
-    # its own tied A and B.
-    targets: List[str] = field(default_factory=lambda: ["qkv"])
-    dropout: float = 0.0  # on the adapter's input, once per layer and target
-    train_A: Optional[bool] = None  # A (r x d_in) trains
-    tie_A: Optional[bool] = None  # one A for every layer (false: one per layer)
-    init_A: Optional[str] = None  # kaiming | gaussian | zeros
-    train_B: Optional[bool] = None  # B (d_out x r) trains
-    tie_B: Optional[bool] = None  # one B for every layer
-    init_B: Optional[str] = None  # kaiming | gaussian | zeros
-    train_u: Optional[bool] = None  # the per-layer vector u (r) trains
-    init_u: Optional[float] = None  # u's initial value (a frozen u must be 1)
-    train_v: Optional[bool] = None  # the per-layer vector v (d_out) trains
-    init_v: Optional[float] = None  # v's initial value (a frozen v must be 1)
-
-
-@dataclass
-class ParaConfig(MethodConfig):
-    """PARA: per layer, a generator pools the layer's input hidden states over the prompt,
-    maps them through a bottleneck (down, activation, up) to vectors 1 + up(...) that scale,
-    element-wise, the outputs of the targeted projections. Up starts at zero: step 0 is the
-    backbone."""
-
-    name: str = "para"
-    bottleneck: int = 12  # the generator's hidden width (paper: about 12 on LLaMA-2 7B)
-    # Which projection outputs are scaled, by role: q | k | v | o | gate | up | down. Llama-style
-    # layers map them to q_proj ... down_proj; GPT-2 to slices of the fused c_attn (q, k, v),
-    # c_proj (o), c_fc (up) and mlp.c_proj (down).
-    targets: List[str] = field(default_factory=lambda: ["q", "v", "up"])
-    pooling: str = "self_attention"  # over prompt tokens: last | mean | max | self_attention
-    activation: str = "gelu"  # relu | gelu | silu | tanh | identity
-
-
-@dataclass
-class IaptConfig(MethodConfig):
-    """IAPT: per layer, a generator turns the instruction's hidden states into `n_soft` soft
-    tokens (down d -> bottleneck, self-attention pooling, rational activation, up -> d) that join
-    the layer's attention as extra key/value positions. A per-head gate (init 0) makes step 0
-    the backbone exactly."""
-
-    name: str = "iapt"
-    bottleneck: int = 320  # m, the generator's hidden width (the group's later runs: 320)
-    n_soft: int = 4  # soft tokens per layer (the paper: 4)
-    # Degrees [m, n] of the rational activation P_m(x) / (1 + |Q_n(x)|) (the paper: 6, 5);
-    # a fit of these degrees must ship in peftrun/methods/rational_init.json.
-    rational_degrees: List[int] = field(default_factory=lambda: [6, 5])
-    rational_init: str = "gelu"  # the activation it starts as: gelu | relu | silu
-    # Learning rate of the rational coefficients (the authors' group: 1e-6); null: trainer.lr.
-    # It decays with the same schedule as the rest.
-    rational_lr: Optional[float] = 1e-6
-    # joint: the coefficients learn from training batches with the rest; alternating: from dev
-    # batches only, one step after every `rational_update_every` training steps.
-    rational_update: str = "joint"
-    rational_update_every: int = 1
-    rational_dev_batch_size: int = 16
-
-
-@dataclass
-class AloraConfig(MethodConfig):
-    """ALoRA — Allocating LoRA (not PEFT's Activated LoRA): gated ranks, reallocated by AB-LoRA
-    importance on a fixed dev batch."""
-
-    name: str = "alora"
-    r_init: int = 8  # open ranks per module at the start
-    max_rank: int = 16  # rank slots per module (allocated once; the per-module limit)
-    alpha: float = 16.0  # scale alpha / r_init, fixed while ranks move
-    dropout: float = 0.0
-    targets: Any = "all-linear"
-    init: str = "kaiming"
-    # Schedule (Algorithm 1): warm-up K1, then N_A rounds every K2; steps override epochs when > 0.
-    warmup_epochs: float = 1.0
-    warmup_steps: int = 0
-    rounds: int = 8
-    interval_epochs: float = 0.25
-    interval_steps: int = 0
-    ranks_per_round: Optional[int] = None  # n_A; null: adapted module kinds per block
-    dev_batch_size: int = 32  # the fixed dev batch the importance is measured on
-    ablations_per_forward: int = 32  # gate configurations stacked into one forward when scoring
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -294,11 +196,6 @@ def register_configs() -> None:
     cs.store(group="task", name="jsonl_schema", node=JsonlTaskConfig)
     cs.store(group="task", name="hub_schema", node=HubTaskConfig)
     cs.store(group="task", name="synthetic_schema", node=SyntheticTaskConfig)
-    cs.store(group="method", name="lora_schema", node=LoraConfig)
-    cs.store(group="method", name="alora_schema", node=AloraConfig)
-    cs.store(group="method", name="para_schema", node=ParaConfig)
-    cs.store(group="method", name="tied_lora_schema", node=TiedLoraConfig)
-    cs.store(group="method", name="iapt_schema", node=IaptConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
 
 

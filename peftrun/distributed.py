@@ -40,11 +40,11 @@ def export_scheduler_env() -> None:
 def check_sharding(cfg) -> None:
     """trainer.strategy=fsdp with a method or backbone it cannot shard: refused before weights load."""
     from .errors import ConfigError
-    from .methods import METHODS
+    from .methods import method_class
 
     if cfg.trainer.strategy != "fsdp":
         return
-    reason = getattr(METHODS.get(cfg.method.name, (None,))[0], "fsdp_unsupported", None)
+    reason = method_class(cfg.method.name).fsdp_unsupported
     if reason:
         raise ConfigError("trainer.strategy", f"method {cfg.method.name} cannot be sharded: {reason}; use trainer.strategy=ddp")
     if cfg.model.quantization:

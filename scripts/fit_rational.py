@@ -1,5 +1,5 @@
 """Least-squares fits of the safe Padé unit R(x) = P_m(x) / (1 + |Q_n(x)|) to GELU, ReLU and
-SiLU, written to peftrun/methods/rational_init.json (the initial coefficients of IAPT's
+SiLU, written to peftrun/methods/common/rational_init.json (the initial coefficients of IAPT's
 rational activations).
 
     python scripts/fit_rational.py                      # default degrees, range [-3, 3]
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "peftrun" / "methods" / "rational_init.json"
+OUT = ROOT / "peftrun" / "methods" / "common" / "rational_init.json"
 
 FUNCTIONS = {
     "gelu": lambda x: torch.nn.functional.gelu(x),  # exact (erf) GELU, as Llama-style MLPs use

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from conftest import ROOT, compose_config, needs_torchrun, run_torchrun, tiny_model, toy_batch
 from peftrun.errors import ConfigError
 from peftrun.methods import build_method
-from peftrun.methods.alora_schedule import reallocate
+from peftrun.methods.alora import reallocate
 from peftrun.train.loop import train
-from peftrun.train.loss import token_loss_sum
+from peftrun.loss import token_loss_sum
 
 
 def attach(*overrides: str):

@@ -222,8 +222,8 @@ class RecordRational:
     def on_step_end(self, state):
         adapter = state.run.adapter
         named = adapter.trainable_parameters()
-        self.rational.append(torch.cat([p.detach().flatten().clone() for n, p in named if adapter._kind(n) == "rational"]))
-        self.other.append(torch.cat([p.detach().flatten().clone() for n, p in named if adapter._kind(n) == "up"]))
+        self.rational.append(torch.cat([p.detach().flatten().clone() for n, p in named if adapter.kind_of(n) == "rational"]))
+        self.other.append(torch.cat([p.detach().flatten().clone() for n, p in named if adapter.kind_of(n) == "up"]))
 
 
 def test_alternating_rational_update_learns_from_dev_batches_only(tmp_path):

@@ -113,9 +113,13 @@ def test_export_loads_into_peft(case, tmp_path):
 
 
 def test_export_refuses_a_method_without_peft_state(tmp_path):
-    class Other:
+    from peftrun.methods import Adapter
+
+    class Other(Adapter):  # the base class's defaults: no PEFT form, not mergeable
         method = "other"
-        supports_merge = False
+
+        def __init__(self):
+            super().__init__(torch.nn.Linear(2, 2), {}, "default")
 
     with pytest.raises(ValueError, match="'other' has no Hugging Face PEFT export"):
         export_peft(Other(), "x", tmp_path / "peft")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import compose_config, tiny_model, toy_batch
 from peftrun.methods import build_method, load_adapter, save_adapter
-from peftrun.train.loss import keeps_logits, labelled_loss_sum, token_loss_sum
+from peftrun.loss import keeps_logits, labelled_loss_sum, token_loss_sum
 
 
 @dataclass
@@ -89,7 +89,7 @@ def test_injection_and_counts(case):
     counts = adapter.parameter_counts()
     assert counts["total"] == sum(p.numel() for p in owned) == sum(v for k, v in counts.items() if k != "total")
     if cfg.method.name == "lora":
-        from peftrun.methods.targets import linear_features
+        from peftrun.methods.common.targets import linear_features
 
         names = adapter.config_dict()["target_modules"]
         expected = sum(cfg.method.r * sum(linear_features(model.get_submodule(n))) for n in names)

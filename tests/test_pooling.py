@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftrun.methods.pooling import POOLINGS, attention_pool, check_mask, pool
+from peftrun.methods.common.pooling import POOLINGS, attention_pool, check_mask, pool
 
 # Row 0 right-padded (prompt at the start, as in training), row 1 left-padded (generation).
 MASK = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 0]])

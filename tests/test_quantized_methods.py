@@ -12,7 +12,7 @@ pytest.importorskip("bitsandbytes")
 from conftest import compose_config, toy_batch  # noqa: E402
 from peftrun.methods import build_method  # noqa: E402
 from peftrun.models import build_model, load_tokenizer  # noqa: E402
-from peftrun.train.loss import token_loss_sum  # noqa: E402
+from peftrun.loss import token_loss_sum  # noqa: E402
 
 # overrides, learning rate (PARA and IAPT only rescale or add positions: they need a larger one)
 METHODS = {

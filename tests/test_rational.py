@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from peftrun.methods.rational import Rational, available_inits, init_coefficients, rational
+from peftrun.methods.common.rational import Rational, available_inits, init_coefficients, rational
 
 TARGETS = {"gelu": F.gelu, "relu": torch.relu, "silu": F.silu}
 
@@ -49,4 +49,4 @@ def test_every_function_ships_the_default_degrees_as_package_data():
     assert all("6/5" in degrees for degrees in available_inits().values())
     assert set(available_inits()) == set(TARGETS)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "rational_init.json" in pyproject["tool"]["setuptools"]["package-data"]["peftrun.methods"]
+    assert "rational_init.json" in pyproject["tool"]["setuptools"]["package-data"]["peftrun.methods.common"]

@@ -164,7 +164,7 @@ def measured_dev_loss(cfg, adapter_dir) -> float:
     from peftrun.methods import load_adapter
     from peftrun.models import build_model, load_tokenizer
     from peftrun.tasks import build_task
-    from peftrun.train.loss import label_tokens, token_loss_sum
+    from peftrun.loss import label_tokens, token_loss_sum
 
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer)

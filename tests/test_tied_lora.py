@@ -31,7 +31,7 @@ def randomize(adapter) -> None:
     """Every tensor away from its init (frozen ones too), so every factor matters."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for _, p in adapter.tensors():
+        for _, p in adapter.saved_tensors():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
@@ -159,7 +159,7 @@ def test_vera_keeps_its_frozen_random_matrices(tmp_path):
     torch.manual_seed(123)  # another draw: the saved A/B must win over it
     fresh, _ = tiny_model("tiny")
     loaded = load_adapter(tmp_path / "a", fresh)
-    assert torch.equal(dict(loaded.tensors())["qkv.B"], dict(adapter.tensors())["qkv.B"])
+    assert torch.equal(dict(loaded.saved_tensors())["qkv.B"], dict(adapter.saved_tensors())["qkv.B"])
 
 
 # ------------------------------------------------------------------------------- export / merge

@@ -5,11 +5,16 @@ many new ranks in the modules that lost none."""
 from __future__ import annotations
 
 import json
-import re
+import math
 from collections import defaultdict
+from typing import Any
+
 import torch
 
-from .alora import AloraAdapter, Rank, ablation_losses, reinit_slot
+from ...data import collate_train
+from ..lora.layer import LoraLinear
+from .report import allocation_table, write_heatmap
+from .scoring import Rank, ablation_losses
 
 
 def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, max_rank: int
@@ -40,13 +45,11 @@ def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, ma
 
 
 class AllocationSchedule:
-    def __init__(self, adapter: AloraAdapter):
+    def __init__(self, adapter: Any):
         self.adapter = adapter
         self.cfg = adapter.cfg
 
     def on_train_start(self, state) -> None:
-        from ..data import collate_train
-
         run = state.run
         self.steps = self.adapter.schedule_steps(state.steps_per_epoch)
         dev = run.dev_features[: self.cfg.dev_batch_size]
@@ -130,53 +133,12 @@ def reset_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, slot: i
             state[key].select(dim, slot).zero_()
 
 
-def layer_grid(adapter: AloraAdapter) -> tuple[list[int], list[str], dict[tuple[int, str], int]]:
-    """(layer indices, module kinds, open ranks per (layer, kind))."""
-    grid = {}
-    for m, count in adapter.allocation().items():
-        match = re.search(r"\.(\d+)\.", m)
-        grid[(int(match.group(1)) if match else -1, m.rsplit(".", 1)[-1])] = count
-    layers = sorted({i for i, _ in grid})
-    kinds = sorted({k for _, k in grid}, key=lambda k: list(dict.fromkeys(x.rsplit(".", 1)[-1] for x in adapter.layers)).index(k))
-    return layers, kinds, grid
-
-
-def allocation_table(adapter: AloraAdapter, title: str):
-    from rich.table import Table
-
-    layers, kinds, grid = layer_grid(adapter)
-    table = Table(title=title)
-    table.add_column("layer", justify="right")
-    for kind in kinds:
-        table.add_column(kind, justify="right")
-    for i in layers:
-        table.add_row(str(i), *[str(grid.get((i, k), "")) for k in kinds])
-    return table
-
-
-def write_heatmap(adapter: AloraAdapter, path) -> None:
-    """Final open ranks, layers x module kinds, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers, kinds, grid = layer_grid(adapter)
-    values = [[grid.get((i, k), 0) for k in kinds] for i in layers]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.35 * len(layers)))
-    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=adapter.cfg.max_rank)
-    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_xlabel("module")
-    ax.set_ylabel("layer")
-    for y, row in enumerate(values):
-        for x, v in enumerate(row):
-            ax.text(x, y, str(v), ha="center", va="center", color="white" if v < adapter.cfg.max_rank / 2 else "black")
-    fig.colorbar(image, ax=ax, label="open ranks")
-    ax.set_title(f"ALoRA allocation (r_init {adapter.cfg.r_init})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-__all__ = ["AllocationSchedule", "reallocate", "allocation_table", "write_heatmap"]
+def reinit_slot(layer: LoraLinear, name: str, slot: int, generator: torch.Generator) -> None:
+    """A new rank: A row random (Kaiming-uniform bound, as at init), B column zero, gate open —
+    the model's output is unchanged at the moment of growth."""
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    bound = 1.0 / math.sqrt(A.shape[1])
+    with torch.no_grad():
+        A[slot] = (torch.rand(A.shape[1], generator=generator) * 2 - 1).mul_(bound).to(A.device, A.dtype)
+        B[:, slot] = 0.0
+        layer.lora_gate[name][slot] = 1.0

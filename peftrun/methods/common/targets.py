@@ -8,8 +8,8 @@ from typing import Any, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import ConfigError
-from ..models import output_head_names
+from ...errors import ConfigError
+from ...models import output_head_names
 
 ALL_LINEAR = "all-linear"
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..train.loss import keeps_logits, label_tokens, labelled_loss_sum
+from ...data import collate_train
+from ...loss import keeps_logits, label_tokens, labelled_loss_sum
 
 
 class AlternatingRationalUpdate:
@@ -22,7 +23,7 @@ class AlternatingRationalUpdate:
         self.hooks = []
 
     def rational(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.adapter.trainable_parameters() if self.adapter._kind(n) == "rational"]
+        return [p for n, p in self.adapter.trainable_parameters() if self.adapter.kind_of(n) == "rational"]
 
     def on_train_start(self, state) -> None:
         # Gradients of training batches never reach the coefficients: dropped once accumulated,
@@ -39,8 +40,6 @@ class AlternatingRationalUpdate:
         self.hooks = []
 
     def dev_batch(self, state) -> dict[str, torch.Tensor]:
-        from ..data import collate_train
-
         features = state.run.dev_features
         start = (state.step // self.every - 1) * self.batch_size
         chosen = [features[(start + i) % len(features)] for i in range(min(self.batch_size, len(features)))]

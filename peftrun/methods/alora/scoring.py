@@ -1,0 +1,119 @@
+"""AB-LoRA importance, the score ALoRA ranks by: from forward passes only, on one fixed batch,
+
+    IS(r) = CE(every open rank but r) - CE(only r open in the whole network)
+
+`ablation_losses` computes many gate configurations at once (see its docstring); the adapter's
+`importance` and the allocation schedule both use it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..common.blocks import decoder_blocks
+
+Rank = tuple[str, int]  # (module name, slot)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of Transformer blocks."""
+    found = decoder_blocks(model)
+    if found is None:
+        raise ValueError("cannot find the model's list of Transformer blocks")
+    return found
+
+
+def block_of(module: str, prefix: str) -> int:
+    return int(module[len(prefix) + 1 :].split(".", 1)[0])
+
+
+@torch.inference_mode()
+def ablation_losses(adapter: Any, batch: dict[str, torch.Tensor], configs: list[tuple[str, Rank]],
+                    per_forward: int) -> list[float]:
+    """Token-mean CE of the model on `batch` under each gate configuration: ("without", r) closes
+    rank r among the open ones; ("only", r) leaves r alone open in the whole network.
+
+    Two savings keep the scores exact: configurations are stacked `per_forward` at a time into
+    one forward (each copy of the batch with its own gates), and a configuration whose rank sits
+    in block l starts at block l from the hidden states every configuration of its kind shares
+    there (all open, or the backbone), so blocks before l are not run again."""
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    layers = adapter.layers
+    prefix, blocks = decoder_layers(model)
+    open_gates = {m: adapter.gate(m).detach() for m in layers}
+    labels = batch["labels"][:, 1:]
+    n_tokens = (labels != -100).sum()
+
+    def set_gates(chunk: list[tuple[str, Rank]]) -> None:
+        for m, layer in layers.items():
+            g = torch.stack([open_gates[m] if kind == "without" else torch.zeros_like(open_gates[m])
+                             for kind, _ in chunk])
+            for i, (kind, (rm, slot)) in enumerate(chunk):
+                if rm == m:
+                    g[i, slot] = 0.0 if kind == "without" else 1.0
+            slots = torch.nonzero(g.any(0)).flatten()
+            layer.ablation_gate, layer.ablation_slots, layer.ablation_closed = g[:, slots], slots, slots.numel() == 0
+
+    def run(k: int, start_block: int, start_hidden: torch.Tensor | None, capture: dict | None = None):
+        hooks = []
+        if capture is not None:
+            for i, block in enumerate(blocks):
+                hooks.append(block.register_forward_pre_hook(
+                    lambda mod, args, kwargs, i=i: capture.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+        if start_block > 0:
+            for block in blocks[:start_block]:
+                block.forward = lambda hidden_states, *a, **kw: hidden_states
+            stacked = start_hidden.repeat(k, 1, 1)
+
+            def enter(mod, args, kwargs):
+                return ((stacked, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": stacked})
+
+            hooks.append(blocks[start_block].register_forward_pre_hook(enter, with_kwargs=True))
+        try:
+            return model.base_model(input_ids=batch["input_ids"].repeat(k, 1),
+                                    attention_mask=batch["attention_mask"].repeat(k, 1)).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for block in blocks[:start_block]:
+                del block.forward
+
+    out: dict[int, float] = {}
+    try:
+        # The hidden states entering every block with all ranks open, and with none (backbone).
+        entering = {}
+        for kind in ("without", "only"):
+            set_gates([(kind, ("", -1))])
+            entering[kind] = {}
+            run(1, 0, None, capture=entering[kind])
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, (kind, (m, _)) in enumerate(configs):
+            groups.setdefault((kind, block_of(m, prefix)), []).append(index)
+        for (kind, block), indices in sorted(groups.items()):
+            for start in range(0, len(indices), per_forward):
+                chunk_ids = indices[start : start + per_forward]
+                k = len(chunk_ids)
+                set_gates([configs[i] for i in chunk_ids])
+                hidden = run(k, block, entering[kind][block])
+                # The LM head only where there is a label: K stacked copies' full logits would
+                # be K x batch x length x vocab, far more memory than the forward itself.
+                stacked_labels = labels.repeat(k, 1)
+                where = stacked_labels != -100
+                logits = model.get_output_embeddings()(hidden[:, :-1][where])
+                token_loss = F.cross_entropy(logits.float(), stacked_labels[where], reduction="none")
+                per_copy = torch.zeros(k, device=token_loss.device).index_add_(
+                    0, where.nonzero()[:, 0] // labels.shape[0], token_loss)
+                for i, loss in zip(chunk_ids, (per_copy / n_tokens).tolist()):
+                    out[i] = loss
+    finally:
+        for layer in layers.values():
+            layer.ablation_gate, layer.ablation_slots, layer.ablation_closed = None, None, False
+        model.train(was_training)
+    return [out[i] for i in range(len(configs))]
+

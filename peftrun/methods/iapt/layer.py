@@ -1,0 +1,165 @@
+"""IAPT's modules: the soft-prompt generator of one layer, and the state IAPT keeps on each
+attention module (generators and gates keyed by adapter name, the soft keys/values of the
+current batch), set by a forward pre-hook before the attention runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import AdapterLayer
+from ..common.rational import Rational
+from ..common.routing import RequestRows
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Self-attention modules by name: Llama-style (k_proj, v_proj) or GPT-2-style (fused c_attn)."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if hasattr(m, "layer_idx")
+        and ((hasattr(m, "k_proj") and hasattr(m, "v_proj")) or hasattr(m, "c_attn"))
+        and not getattr(m, "is_cross_attention", False)
+    }
+
+
+def soft_keys_values(attn: nn.Module, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (batch, kv_heads, n_soft, head_dim) of the soft tokens, through the layer's
+    own frozen projections (GQA: as many heads as k_proj gives)."""
+    if hasattr(attn, "c_attn"):  # GPT-2: one Conv1D gives q | k | v
+        _, key, value = attn.c_attn(soft).split(attn.split_size, dim=2)
+    else:
+        key, value = attn.k_proj(soft), attn.v_proj(soft)
+    shape = (*soft.shape[:-1], -1, attn.head_dim)
+    return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+
+
+
+class SoftPromptGenerator(nn.Module):
+    """down (d -> m), self-attention pooling into n_soft vectors, rational activation, up (m -> d)."""
+
+    def __init__(self, hidden: int, bottleneck: int, n_soft: int, degrees: tuple[int, int], init: str, device=None):
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck, device=device)
+        # Learnable pooling queries; with the 1/sqrt(m) score scale they start near mean pooling.
+        self.queries = nn.Parameter(torch.randn(bottleneck, n_soft, device=device) * bottleneck**-0.5)
+        self.activation = Rational(*degrees, init=init, device=device)
+        self.up = nn.Linear(bottleneck, hidden, device=device)
+
+    def forward(self, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, d), prompt_mask (B, T) bool -> soft tokens (B, n_soft, d)."""
+        h = self.down(hidden)
+        scores = (h @ self.queries) * h.shape[-1] ** -0.5  # (B, T, n_soft)
+        keep = prompt_mask[..., None]
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        # Softmax over instruction positions only; a row with no instruction token pools to 0.
+        weights = scores.softmax(dim=1) * keep
+        pooled = weights.transpose(1, 2) @ h  # (B, n_soft, m)
+        return self.up(self.activation(pooled))
+
+
+class PromptState:
+    """The prompt mask of the next forward, shared by every IAPT layer of a model."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+
+    def for_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The mask as (hidden batch, hidden length) bool: rows repeated for beam search /
+        num_return_sequences (the batch is expanded with repeat_interleave), columns padded with
+        0 when the sequence grew past the prompt (generation without a KV cache)."""
+        batch, length = hidden.shape[:2]
+        if self.mask is None:  # nobody said which tokens are the prompt: all of them are
+            return torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        mask = self.mask.to(device=hidden.device, dtype=torch.bool)
+        if batch != mask.shape[0]:
+            if batch % mask.shape[0]:
+                raise RuntimeError(f"IAPT: prompt mask of {mask.shape[0]} rows for a batch of {batch}")
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        if mask.shape[1] > length:
+            raise RuntimeError(f"IAPT: prompt mask of width {mask.shape[1]} for {length} positions")
+        return nn.functional.pad(mask, (0, length - mask.shape[1]), value=False)
+
+
+class IaptLayer(AdapterLayer):
+    """IAPT's state in one attention module: generators and gates keyed by adapter name (several
+    adapters can sit on one backbone), and the soft keys/values of the current batch."""
+
+    adapter_owned = True  # its linear layers are IAPT's, not targets for another method
+    held = "generators"
+
+    def __init__(self, prompt: PromptState, num_heads: int):
+        super().__init__()
+        self.generators = nn.ModuleDict()
+        self.gates = nn.ParameterDict()
+        self.num_heads = num_heads
+        self.prompt = prompt
+        # Of the current batch, set at prefill: the soft keys/values, the gate (per row when
+        # routed), and which soft positions each row sees (None: all; routed tenants may differ
+        # in n_soft, their soft tokens are then zero-padded and the padding hidden).
+        self.soft_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gate: torch.Tensor | None = None
+        self.soft_visible: torch.Tensor | None = None
+        self.decoding = False  # the KV cache holds this layer's past: the soft tokens are the prefill's
+
+    def add_adapter(self, name: str, generator: SoftPromptGenerator, device=None) -> None:
+        self.generators[name] = generator
+        self.gates[name] = nn.Parameter(torch.zeros(self.num_heads, device=device))
+        self.active_adapter = name
+
+    def end_route(self) -> None:
+        self.route = None
+        self.soft_kv = self.gate = self.soft_visible = None
+        self.decoding = False
+
+
+def _pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Compute this layer's soft keys/values before its attention runs (prefill or full forward);
+    keep the prefill's ones while a KV cache already holds this layer's past."""
+    layer: IaptLayer = attn.iapt
+    rows = layer.route.rows if layer.route is not None else None
+    name = layer.active_adapter if rows is None else rows.single
+    if rows is None or rows.single is not None:
+        if name not in layer.generators:
+            layer.soft_kv = layer.gate = None
+            return
+    elif not any(n in layer.generators for n in rows.tenants):
+        layer.soft_kv = layer.gate = None
+        return
+    hidden = args[0] if args else kwargs["hidden_states"]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layer.decoding = cache is not None and cache.get_seq_length(attn.layer_idx) > 0
+    if layer.decoding:
+        if layer.soft_kv is None or layer.soft_kv[0].shape[0] != hidden.shape[0]:
+            raise RuntimeError("IAPT: a decode step without the soft tokens of its prefill; "
+                               "start generation from the prompt (empty cache)")
+        return
+    prompt_mask = layer.prompt.for_hidden(hidden)
+    layer.soft_visible = None
+    if name is not None:
+        soft = layer.generators[name](hidden.float(), prompt_mask).to(hidden.dtype)
+        layer.gate = layer.gates[name].view(1, 1, -1, 1)  # (B, T, H, D) outputs
+    else:
+        soft, layer.gate, layer.soft_visible = _per_request(layer, rows, hidden, prompt_mask)
+    layer.soft_kv = soft_keys_values(attn, soft)
+
+
+def _per_request(layer: IaptLayer, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor):
+    """Soft tokens (batch, n_soft, d), gates (batch, 1, H, 1) and soft visibility of a
+    mixed-tenant batch: each tenant's generator reads only its rows; the backbone's rows get
+    zero soft tokens and a zero gate (exactly the backbone)."""
+    rows.check_batch(hidden.shape[0])
+    tenants = [n for n in rows.tenants if n in layer.generators]
+    n_soft = {n: layer.generators[n].queries.shape[1] for n in tenants}
+    width = max(n_soft.values())
+    soft = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+    gate = layer.gates[tenants[0]].new_zeros(hidden.shape[0], layer.num_heads)
+    visible = torch.ones(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
+    for name in tenants:
+        index = rows.rows(name, hidden.device)
+        own = layer.generators[name](hidden.index_select(0, index).float(), prompt_mask.index_select(0, index))
+        soft[index, : n_soft[name]] = own.to(hidden.dtype)
+        gate[index] = layer.gates[name].to(gate.dtype)
+        visible[index, n_soft[name]:] = False
+    return soft, gate.view(-1, 1, layer.num_heads, 1), None if bool(visible.all()) else visible
+

@@ -1,0 +1,165 @@
+"""IAPT, Instruction-Aware Prompt Tuning (Zhu et al., ACL 2024): per layer, a generator turns the
+instruction's hidden states into `n_soft` soft tokens that join that layer's attention as extra
+key/value positions (deep prompts, P-tuning v2 style).
+
+Generator of layer l (input: the attention module's input, i.e. the normalized hidden states the
+frozen k/v projections read):
+
+    h = down(x)                                   d -> m (bottleneck)
+    w = softmax over instruction positions of (h Q / sqrt(m))     Q: learnable m x n_soft queries
+    s = up(R(w^T h))                              R: rational activation, m -> d; s: n_soft x d
+
+The soft tokens' keys and values come from the layer's own frozen projections (k_proj/v_proj, or
+GPT-2's fused c_attn). They get no rotary position: like a prefix, they sit outside the sequence,
+so real tokens keep their positions and the KV cache its layout.
+
+Exact start at the backbone. Extra key positions change the softmax normalization even with
+zero values, so zero-initialising `up` is not enough. Each layer has a per-head gate g (init 0):
+
+    out = out_backbone + g * (out_with_soft_tokens - out_backbone)
+
+With g = 1 this is exactly P-tuning v2's joint softmax over [soft tokens; real tokens]; with
+g = 0 it is the backbone bit for bit. (The paper has no gate; it does not claim an exact start.)
+The price: two attention calls per layer at prefill and in training. Decode steps stay cheap:
+the joint output is merged from the attention over the real keys and the soft keys' scores (see
+`_merged_joint`), with no copy of the KV cache.
+
+Mechanism: transformers' attention-function registry. attach() registers "iapt_sdpa" /
+"iapt_eager" (wrapping the original function, same mask builder) and points the model config at
+it; a forward pre-hook on each attention module computes the soft keys/values. With a KV cache the
+soft keys/values are computed at prefill (empty cache) and reused at every decode step.
+
+Several adapters can sit on one backbone: one active for every row, or one per row of a
+mixed-tenant batch (`IaptAdapter.routing`): each row's soft tokens come from its own adapter's
+generator, and its gate from that adapter (0 for the backbone's rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ..base import DEFAULT_ADAPTER, Adapter, Method, freeze
+from ..common.rational import available_inits, degree_key
+from ..common.state import unique_parameters
+from ..registry import register_method
+from .attention import PREFIX, SUPPORTED_ATTENTION, register
+from .config import IaptConfig
+from .layer import IaptLayer, PromptState, SoftPromptGenerator, _pre_hook, attention_modules
+from .rational_update import AlternatingRationalUpdate
+
+KINDS = {"down": "down", "queries": "pooling", "activation": "rational", "up": "up", "gate": "gate"}
+
+
+class IaptAdapter(Adapter):
+    method = "iapt"
+    family = "iapt"
+    layer_type = IaptLayer
+    parameter_kinds = tuple(KINDS.values())
+
+    def __init__(self, model: nn.Module, cfg: Any, name: str, layers: dict[str, IaptLayer]):
+        super().__init__(model, cfg, name, layers)
+        self.prompt = next(iter(layers.values())).prompt
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        named = []
+        for mod, layer in self.layers.items():
+            named += [(f"{mod}.iapt.{n}", p) for n, p in layer.generators[self.name].named_parameters()]
+            named.append((f"{mod}.iapt.gate", layer.gates[self.name]))
+        return unique_parameters(named)
+
+    def kind_of(self, name: str) -> str:
+        return KINDS[name.split(".iapt.", 1)[1].split(".", 1)[0]]
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The rational coefficients train at their own learning rate (the authors' 1e-6)."""
+        rational_lr = lr if self.cfg.rational_lr is None else self.cfg.rational_lr
+        named = self.trainable_parameters()
+        return [
+            {"params": [p for n, p in named if self.kind_of(n) != "rational"], "lr": lr},
+            {"params": [p for n, p in named if self.kind_of(n) == "rational"], "lr": rational_lr},
+        ]
+
+    def callbacks(self) -> list[Any]:
+        return [AlternatingRationalUpdate(self)] if self.cfg.rational_update == "alternating" else []
+
+    def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
+        self.prompt.mask = prompt_mask
+
+    def merge_refusal(self) -> str:
+        return ("IAPT cannot be merged (method 'iapt' does not support merging): its soft tokens depend on "
+                "each prompt; keep the adapter attached, or save it with save_adapter")
+
+
+@register_method
+class IaptMethod(Method):
+    name = "iapt"
+    config_class = IaptConfig
+    adapter_class = IaptAdapter
+    attach_order = 1  # its generators hold linear layers that a later all-linear LoRA would wrap
+
+    def check_config(self) -> None:
+        c = self.cfg
+        if c.bottleneck <= 0:
+            raise ConfigError("method.bottleneck", f"must be a positive integer, got {c.bottleneck}")
+        if c.n_soft <= 0:
+            raise ConfigError("method.n_soft", f"must be a positive integer (the paper uses 4), got {c.n_soft}")
+        fits = available_inits()
+        if c.rational_init not in fits:
+            raise ConfigError("method.rational_init", f"choose one of {', '.join(fits)}, got {c.rational_init!r}")
+        if len(c.rational_degrees) != 2:
+            raise ConfigError("method.rational_degrees", f"give [m, n], e.g. [6, 5]; got {list(c.rational_degrees)}")
+        key = degree_key(*c.rational_degrees)
+        if key not in fits[c.rational_init]:
+            raise ConfigError(
+                "method.rational_degrees",
+                f"no shipped {c.rational_init} fit of degrees {key}; use one of {', '.join(fits[c.rational_init])} "
+                f"or run scripts/fit_rational.py --degrees {key}",
+            )
+        if c.rational_lr is not None and c.rational_lr < 0:
+            raise ConfigError("method.rational_lr", f"must be >= 0 (or null for trainer.lr), got {c.rational_lr}")
+        if c.rational_update not in ("joint", "alternating"):
+            raise ConfigError("method.rational_update", f"choose joint or alternating, got {c.rational_update!r}")
+        if c.rational_update_every <= 0 or c.rational_dev_batch_size <= 0:
+            raise ConfigError("method.rational_update_every",
+                              "rational_update_every and rational_dev_batch_size must be positive")
+
+    def check_model(self, model: nn.Module) -> None:
+        modules = attention_modules(model)
+        layers = getattr(model.config, "num_hidden_layers", None)
+        if not modules or (layers is not None and len(modules) != layers):
+            raise ConfigError(
+                "method.name",
+                f"IAPT needs one self-attention per layer with k_proj/v_proj (Llama-like) or c_attn "
+                f"(GPT-2); found {len(modules)} for {layers} layers in {type(model).__name__}; pick another method",
+            )
+
+    def attach(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> IaptAdapter:
+        self.check_config()
+        self.check_model(model)
+        impl = model.config._attn_implementation or "eager"
+        original = impl.removeprefix(PREFIX)
+        if original not in SUPPORTED_ATTENTION:
+            raise ConfigError("model.attn_implementation",
+                              f"IAPT adds key positions through {'/'.join(SUPPORTED_ATTENTION)} attention, "
+                              f"not {impl}; set model.attn_implementation=sdpa")
+        model.config._attn_implementation = register(original)
+        freeze(model)
+        c = self.cfg
+        hidden = model.config.hidden_size
+        prompt = PromptState()
+        layers: dict[str, IaptLayer] = {}
+        for name, attn in attention_modules(model).items():
+            weight = next(attn.parameters())
+            device = weight.device
+            if not hasattr(attn, "iapt"):
+                attn.iapt = IaptLayer(prompt, model.config.num_attention_heads)
+                attn.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+            generator = SoftPromptGenerator(hidden, c.bottleneck, c.n_soft, tuple(c.rational_degrees),
+                                            c.rational_init, device=device)
+            attn.iapt.add_adapter(adapter_name, generator, device=device)
+            layers[name] = attn.iapt
+        return IaptAdapter(model, c, adapter_name, layers)

@@ -1,0 +1,215 @@
+"""PARA's runtime on the backbone: one vector generator per decoder layer (holding every PARA
+adapter's tensors, keyed by adapter name) and the hooks that apply its vectors. See model.py for
+how prefill and decode steps differ."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..common.pooling import check_mask, pool
+from ..common.routing import RequestRows
+from .plan import LayerPlan, Segment
+
+GENERATOR = "para_generator"  # the child module added to every decoder layer
+RUNTIME = "_peftrun_para"  # attribute of the backbone holding the shared runtime state
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
+
+
+# ---------------------------------------------------------------------------------- generator
+class ParaGenerator(nn.Module):
+    """The vector generator of one decoder layer, for every PARA adapter on the backbone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.ParameterDict()  # name -> (r, d)
+        self.query = nn.ParameterDict()  # name -> (r,), self-attention pooling only
+        self.up = nn.ParameterDict()  # name -> (width, r)
+        self.pooling: dict[str, str] = {}
+        self.activation: dict[str, str] = {}
+        self.segments: dict[str, dict[str, list[Segment]]] = {}
+        self.out_features: dict[str, int] = {}
+        self.vectors: torch.Tensor | None = None  # (batch, width) of the current prompts (one adapter)
+        # Module path -> (batch, out_features) multiplier of its output for the current prompts.
+        self.scales: dict[str, torch.Tensor] | None = None
+
+    def add_adapter(self, name: str, plan: LayerPlan, hidden_size: int, cfg: Any, device) -> None:
+        if name in self.down:
+            raise ValueError(f"a PARA adapter named {name!r} is already attached to {plan.path}")
+        r = cfg.bottleneck
+        down = torch.empty(r, hidden_size, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # as nn.Linear initializes its weight
+        self.down[name] = nn.Parameter(down)
+        if cfg.pooling == "self_attention":
+            # Zero queries pool by the mean at first; training sharpens them.
+            self.query[name] = nn.Parameter(torch.zeros(r, device=device, dtype=torch.float32))
+        # Zero: every vector is exactly 1 at step 0, the model is the backbone.
+        self.up[name] = nn.Parameter(torch.zeros(plan.width, r, device=device, dtype=torch.float32))
+        self.pooling[name] = cfg.pooling
+        self.activation[name] = cfg.activation
+        self.segments[name] = plan.segments
+        self.out_features.update(plan.out_features)
+
+    def forward(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, d) hidden states and (batch, seq) prompt mask -> (batch, width) vectors."""
+        down = self.down[name]
+        z = F.linear(hidden.to(down.dtype), down)
+        pooled = pool(z, prompt_mask, self.pooling[name], self.query[name] if name in self.query else None)
+        return 1.0 + F.linear(ACTIVATIONS[self.activation[name]](pooled), self.up[name])
+
+    def multipliers(self, name: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s (batch, width) vectors as a (batch, out_features) multiplier per
+        module it scales. Unscaled columns (GPT-2's k slice) get ones."""
+        out = {}
+        batch = vectors.shape[0]
+        for path, segments in self.segments.get(name, {}).items():
+            pieces, pos = [], 0
+            for s in segments:
+                if s.start > pos:
+                    pieces.append(vectors.new_ones(batch, s.start - pos))
+                pieces.append(vectors[:, s.offset : s.offset + s.end - s.start])
+                pos = s.end
+            if pos < self.out_features[path]:
+                pieces.append(vectors.new_ones(batch, self.out_features[path] - pos))
+            out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        return out
+
+    def prefill(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """One adapter for every row: compute and keep the vectors and multipliers."""
+        self.vectors = self(name, hidden, prompt_mask)
+        self.scales = self.multipliers(name, self.vectors)
+
+    def prefill_per_request(self, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Row i through adapter rows.names[i]: each tenant's generator reads only its rows; the
+        backbone's rows (and rows of adapters this layer does not hold) get multipliers of 1."""
+        self.vectors = None  # the widths may differ between tenants
+        scales: dict[str, torch.Tensor] = {}
+        for name in rows.tenants:
+            if name not in self.down:
+                continue
+            index = rows.rows(name, hidden.device)
+            vectors = self(name, hidden.index_select(0, index), prompt_mask.index_select(0, index))
+            for path, m in self.multipliers(name, vectors).items():
+                if path not in scales:
+                    scales[path] = m.new_ones(hidden.shape[0], self.out_features[path])
+                scales[path] = scales[path].index_copy(0, index, m)
+        self.scales = scales
+
+
+# ------------------------------------------------------------------------------------ runtime
+class ParaRuntime:
+    """State shared by the hooks of one backbone: the active adapter, the prompt mask, and
+    whether the current forward is a prefill or a decode step."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self.route: RequestRows | None = None  # a mixed-tenant batch: one adapter per row
+        self.prompt_mask: torch.Tensor | None = None  # as given to set_prompt_mask
+        self.forward_mask: torch.Tensor | None = None  # fitted to the current forward's batch
+        self.prefill = False
+        self.generators: list[ParaGenerator] = []
+        self.hooked: set[int] = set()  # ids of modules that already carry our hooks
+
+    def set_prompt_mask(self, mask: torch.Tensor | None) -> None:
+        self.prompt_mask = mask
+        self.forward_mask = None
+        for generator in self.generators:  # vectors belong to the previous prompts
+            generator.vectors = generator.scales = None
+
+    def applies(self) -> bool:
+        """Whether this forward uses any PARA adapter."""
+        return bool(self.route.tenants) if self.route is not None else self.active is not None
+
+    # -- hooks
+    def before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.applies():
+            return
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None and args:
+            inputs = args[0]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.prefill = past == 0
+        if not self.prefill:
+            return  # a decode step: the layers reuse the vectors of the prefill
+        mask = self.prompt_mask
+        if mask is None:
+            raise RuntimeError(
+                "PARA needs to know the prompt: call adapter.set_prompt_mask(prompt_mask) before the forward"
+            )
+        batch, seq = inputs.shape[0], inputs.shape[1]
+        if self.route is not None:
+            self.route.check_batch(batch)
+        if seq < mask.shape[1]:
+            raise RuntimeError(
+                f"the prompt mask is {mask.shape[1]} tokens wide but the input only {seq}; "
+                "set the mask of this batch"
+            )
+        if batch != mask.shape[0]:
+            if batch % mask.shape[0]:
+                raise RuntimeError(
+                    f"the prompt mask has {mask.shape[0]} rows but the input {batch}; set the mask of this batch"
+                )
+            # Beam search / num_return_sequences repeat each prompt in place (repeat_interleave).
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        if seq > mask.shape[1]:
+            # Generation without a KV cache re-reads the prompt followed by what was generated.
+            mask = F.pad(mask, (0, seq - mask.shape[1]))
+        mask = mask.to(inputs.device)
+        check_mask(mask)
+        self.forward_mask = mask
+
+    def before_layer(self, generator: ParaGenerator, args: tuple, kwargs: dict) -> None:
+        if not self.applies():
+            return
+        name = self.active if self.route is None else self.route.single
+        if self.prefill:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if name is None:
+                generator.prefill_per_request(self.route, hidden, self.forward_mask)
+            elif name in generator.down:
+                generator.prefill(name, hidden, self.forward_mask)
+            else:
+                generator.vectors, generator.scales = None, {}
+        elif generator.scales is None:
+            raise RuntimeError(
+                "PARA got a decode step with no vectors from a prefill; call adapter.set_prompt_mask "
+                "and run the prompt first"
+            )
+
+    def after_projection(self, generator: ParaGenerator, path: str, output: torch.Tensor) -> torch.Tensor:
+        if not self.applies():
+            return output
+        scale = generator.scales.get(path) if generator.scales is not None else None
+        if scale is None:
+            return output
+        if scale.shape[0] != output.shape[0]:
+            raise RuntimeError(
+                f"PARA vectors were computed for {scale.shape[0]} sequences, this forward has {output.shape[0]}; "
+                "call adapter.set_prompt_mask with the new batch's prompt mask"
+            )
+        shape = (output.shape[0],) + (1,) * (output.dim() - 2) + (output.shape[-1],)
+        return output * scale.view(shape).to(output.dtype)
+
+
+def _runtime(model: nn.Module) -> ParaRuntime:
+    runtime = model.__dict__.get(RUNTIME)
+    if runtime is None:
+        runtime = ParaRuntime()
+        model.__dict__[RUNTIME] = runtime  # a plain attribute: not a module, not in state_dict
+        model.register_forward_pre_hook(runtime.before_model, with_kwargs=True)
+    return runtime
+
