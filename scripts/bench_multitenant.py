@@ -62,7 +62,7 @@ class Clock:
 
 def build(label: str, args):
     """(model, router or None, tokenizer) with `args.max_tenants` adapters of the method."""
-    from peftrun.generate import Router
+    from peftrun.multitenant import Router
     from peftrun.methods import build_method
     from peftrun.models import build_model, load_tokenizer
 

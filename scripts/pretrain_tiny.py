@@ -1,6 +1,6 @@
 """Pretrain the small Llama behind `model=tiny_pretrained` on a generated corpus of our own.
 
-The corpus (`peftrun/tasks/synthetic_world.py`) exercises skills the synthetic downstream tasks
+The corpus (`scripts/synthetic_corpus.py`) exercises skills the synthetic downstream tasks
 reuse in other forms: copying spans, looking up facts stated in the context, one- to three-step
 arithmetic (bare, worked, and in stories, worked out when they have several steps), a few
 instruction formats, which adjectives make people happy or sad, and everyday sentences that use
@@ -42,6 +42,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = ROOT / "models" / "tiny_pretrained"
+
+# Beside this script (its folder is on sys.path whenever this module is run or imported by name).
+from synthetic_corpus import MIX, SKILLS, corpus_documents, skill_probes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +91,7 @@ def corpus_tokenizer(vocab_size: int, seed: int):
     from transformers import PreTrainedTokenizerFast
 
     from peftrun.models import BOS, CHARACTERS, EOS, PAD, UNK
-    from peftrun.tasks.synthetic_world import NEGATIVE, PEOPLE, PLACES, POSITIVE, WORDS, corpus_documents
+    from peftrun.tasks.synthetic_world import NEGATIVE, PEOPLE, PLACES, POSITIVE, WORDS
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     # Pieces never cross a word, number or symbol boundary ("####" is one symbol); a space sticks
@@ -134,8 +137,6 @@ def heldout_batches(tokenizer, args) -> dict[str, "torch.Tensor"]:
     """Held-out windows (another corpus seed): all skills mixed, and each skill alone."""
     import torch
 
-    from peftrun.tasks.synthetic_world import MIX, SKILLS, corpus_documents
-
     heldout_seed = args.seed + 1_000_003
     out = {"all": torch.tensor(list(itertools.islice(windows(corpus_documents(heldout_seed), tokenizer, args.seq),
                                                       args.eval_windows)))}
@@ -171,7 +172,6 @@ def skill_accuracy(model, tokenizer, seed: int, n: int) -> dict[str, float]:
     """Greedy completions of held-out prompts in the corpus's forms: the share (0..100) that
     starts with the expected text, per skill."""
     from peftrun.generate import generate
-    from peftrun.tasks.synthetic_world import skill_probes
 
     out = {}
     for skill, pairs in skill_probes(seed + 3_000_017, n).items():
@@ -217,7 +217,6 @@ def pretrain(rank: int, world: int, args, tokenizer, folder: Path, rendezvous: s
     import torch.distributed as dist
 
     from peftrun.models import _quiet_progress, build_model
-    from peftrun.tasks.synthetic_world import corpus_documents
 
     if args.threads or world > 1:  # small matrices: one thread per process beats two in one
         torch.set_num_threads(args.threads or 1)

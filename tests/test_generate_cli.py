@@ -13,8 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_config, tiny_model
-from peftrun.generate import generate, main
+from peftrun.generate import generate
 from peftrun.methods import build_method, load_adapter, save_adapter
+from peftrun.serve import main
 
 PROMPTS = ["max 3815=", "min 42=", "sort 9071=", "max 5="]
 
@@ -77,7 +78,7 @@ def test_serves_a_mixed_batch_of_saved_adapters(tmp_path, capsys):
 @pytest.mark.parametrize("case, words", [
     ("different backbone", "was trained on another backbone"),
     ("unknown adapter", "request 2 names adapter 'zz'"),
-    ("lora with tied_lora", "LoRA and Tied-LoRA adapters cannot share one backbone"),
+    ("lora with tied_lora", "lora and tied_lora adapters cannot share one backbone"),
     ("not an adapter", "holds no saved adapter"),
     ("bad spec", "expected NAME=DIR"),
 ])

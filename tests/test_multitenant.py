@@ -12,8 +12,9 @@ import torch
 
 from conftest import compose_config, tiny_model
 from peftrun.errors import ConfigError
-from peftrun.generate import Router, generate, generate_mixed
+from peftrun.generate import generate
 from peftrun.methods import build_method
+from peftrun.multitenant import Router, generate_mixed
 
 # Per method: the overrides of each tenant. The tenants differ in size (rank, bottleneck, soft
 # tokens, targets), so the per-row paths must pad and mask, not assume one shape.
@@ -57,12 +58,12 @@ def run_alone(model, tokenizer, adapters: dict, name, prompt: str, **kwargs) -> 
     with contextlib.ExitStack() as stack:
         families: dict = {}
         for a in adapters.values():
-            families.setdefault(type(a).routing, a)
+            families.setdefault(a.family, a)
         owner = adapters.get(name)
         if owner is not None:
             owner.activate()
         for family in families.values():
-            if owner is None or type(family).routing is not type(owner).routing:
+            if owner is None or family.family != owner.family:
                 stack.enter_context(family.disabled())
         return generate(model, tokenizer, owner, [prompt], **kwargs)[0]
 
@@ -151,7 +152,7 @@ def test_iapt_decode_merge_equals_the_joint_attention(path, monkeypatch):
     from transformers import DynamicCache
 
     from peftrun.data import encode_prompts
-    from peftrun.methods import iapt
+    from peftrun.methods.iapt import attention as iapt
 
     model, tokenizer = tiny_model("tiny")
     adapters = attach(model, "tiny", "iapt")

@@ -5,6 +5,7 @@ synth_sentiment)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import os
 import re
@@ -19,8 +20,13 @@ from conftest import ROOT, compose_config, run_cli
 from peftrun.errors import ConfigError
 from peftrun.models import validate_model_config
 from peftrun.tasks import build_task
-from peftrun.tasks.synthetic_world import (CORPUS_NEVER, NEGATIVE, PEOPLE, PLACES, POSITIVE, SKILLS,
-                                           corpus_documents)
+from peftrun.tasks.synthetic_world import NEGATIVE, PEOPLE, PLACES, POSITIVE
+
+spec = importlib.util.spec_from_file_location("synthetic_corpus", ROOT / "scripts" / "synthetic_corpus.py")
+synthetic_corpus = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(synthetic_corpus)
+CORPUS_NEVER, SKILLS, corpus_documents = (synthetic_corpus.CORPUS_NEVER, synthetic_corpus.SKILLS,
+                                          synthetic_corpus.corpus_documents)
 
 SYNTH = ("synth_qa", "synth_math", "synth_sentiment")
 

@@ -1,0 +1,128 @@
+"""Multi-tenant inference from saved runs: one backbone, several adapters, batches whose
+requests each name their adapter.
+
+    peftrun-generate outputs/RUN --prompt "max 3815="                  # the run's adapter
+    peftrun-generate outputs/RUN --adapter b=outputs/RUN_B --prompts-file requests.jsonl
+    python -m peftrun.serve outputs/RUN --prompt "max 3815=" --output completions.jsonl
+
+Each line of a prompts file is {"prompt": "...", "adapter": "b"}: "adapter" names a loaded
+adapter, null for the backbone alone; without it, the request goes to the positional run's
+adapter (named "default"), or to the backbone when there is none. Output lines (stdout or
+--output) are {"prompt", "adapter", "completion"}, in the order of the requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, fail
+from .multitenant import generate_mixed, load_tenants
+
+PROG = "peftrun-generate"
+DEFAULT_ADAPTER = "default"
+
+
+def read_requests(path: Path, default: str | None) -> list[tuple[str, str | None]]:
+    """(prompt, adapter name) from a JSON-lines file of {"prompt", "adapter" (optional)}."""
+    if not path.is_file():
+        raise ConfigError("prompts-file", f"{path} does not exist")
+    requests = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError("prompts-file", f"line {lineno} of {path} is not JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError("prompts-file", f"line {lineno} of {path} needs a \"prompt\" string")
+        name = row.get("adapter", default)
+        if name is not None and not isinstance(name, str):
+            raise ConfigError("prompts-file", f"line {lineno} of {path}: \"adapter\" is a name or null")
+        requests.append((row["prompt"], name))
+    if not requests:
+        raise ConfigError("prompts-file", f"{path} holds no request")
+    return requests
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.error = lambda message: fail(ValueError(message), PROG)  # one line, exit 2
+    parser.add_argument("run", nargs="?", help=f"a run folder (or adapter folder): its adapter, named {DEFAULT_ADAPTER!r}")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="one more adapter (run or adapter folder) under NAME; repeatable")
+    requests = parser.add_mutually_exclusive_group(required=True)
+    requests.add_argument("--prompt", action="append", metavar="TEXT",
+                          help=f"a prompt for the {DEFAULT_ADAPTER!r} adapter (the backbone without one); repeatable")
+    requests.add_argument("--prompts-file", type=Path, metavar="FILE.jsonl",
+                          help='requests, one JSON object a line: {"prompt": ..., "adapter": NAME or null}')
+    parser.add_argument("--max-new-tokens", type=int, help="default: the run's task.max_new_tokens")
+    parser.add_argument("--max-prompt-length", type=int, help="prompts are cut from the left to this many "
+                                                              "tokens; default: the run's task.max_length")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per shared batch")
+    parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="default: standard output")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+    for flag in ("max_new_tokens", "max_prompt_length", "num_beams", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def serve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    adapters: dict[str, str] = {}
+    if args.run is not None:
+        adapters[DEFAULT_ADAPTER] = args.run
+    for spec in args.adapter:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError("adapter", f"expected NAME=DIR, got {spec!r}")
+        if name in adapters:
+            raise ConfigError("adapter", f"the name {name!r} is given twice; name each adapter once")
+        adapters[name] = folder
+    default = DEFAULT_ADAPTER if args.run is not None else None
+    if args.prompts_file is not None:
+        requests = read_requests(args.prompts_file, default)
+    else:
+        requests = [(p, default) for p in args.prompt]
+    for i, (_, name) in enumerate(requests, start=1):
+        if name is not None and name not in adapters:
+            raise ConfigError("adapter", f"request {i} names adapter {name!r}, which is not given (given: "
+                                         f"{', '.join(adapters) or 'none'}; null means the backbone)")
+    model, tokenizer, router, task = load_tenants(adapters, args.device)
+    task = task or {}
+    completions = generate_mixed(
+        model, tokenizer, router, requests, batch_size=args.batch_size, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens or task.get("max_new_tokens") or 16,
+        max_prompt_length=args.max_prompt_length or task.get("max_length") or 256,
+    )
+    return [{"prompt": p, "adapter": n, "completion": c} for (p, n), c in zip(requests, completions)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        rows = serve(args)
+    except ConfigError as e:
+        fail(e, PROG)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()
