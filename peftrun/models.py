@@ -3,6 +3,9 @@
 Every model comes back frozen (eval mode, no parameter requires grad): methods add the trainable
 parameters afterwards. `meta_model` gives the same module tree without weights, so adapter targets
 can be checked before anything large is loaded.
+
+(About 400 lines: the tokenizer, the checks and the loading of one backbone share their error
+translation and local-folder rules, so they stay together.)
 """
 
 from __future__ import annotations
