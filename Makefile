@@ -5,6 +5,7 @@
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
 #                     small backbone first when models/tiny_pretrained is missing; 37 to 57 min on 2 cores,
 #                     by the machine's speed)
+# Both write their tables into docs/benchmarks.md (dated, with the machine at the top) and plots under bench/.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -30,7 +31,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_train.py
-	$(BIN)/python scripts/bench_alora.py | tee bench/alora.md
+	$(BIN)/python scripts/bench_alora.py
 	$(BIN)/python scripts/bench_multitenant.py
 
 bench-quality: $(VENV)/.installed

@@ -3,6 +3,9 @@ batch per open rank) against the optimized scoring (shared block prefixes, many 
 configurations stacked per forward), on the same model and batch, with the largest score
 difference.
 
+The table goes into docs/benchmarks.md too (section `alora-scoring`, and the machine's at the
+top; `--no-doc` leaves the page alone, `--doc PATH` writes another copy).
+
     python scripts/bench_alora.py                      # tiny Llama, dev batch 32, r_init 8
     python scripts/bench_alora.py --per-forward 64 --repeats 3
 """
@@ -18,6 +21,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import benchmarks_doc  # noqa: E402  (beside this script)
+
+# The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them).
+DOC_SECTIONS = ("alora-scoring",)
 
 
 def setup(model_name: str, dev_batch: int):
@@ -60,17 +69,28 @@ def main() -> None:
     parser.add_argument("--dev-batch", type=int, default=32)
     parser.add_argument("--per-forward", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--doc", default=str(benchmarks_doc.DOC), help="the page to write the table into "
+                        "(default: %(default)s)")
+    parser.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
     args = parser.parse_args()
+    doc = None if args.no_doc else Path(args.doc)
+    benchmarks_doc.preflight("bench_alora.py", DOC_SECTIONS, doc)
     torch.set_num_threads(torch.get_num_threads())
     adapter, batch = setup(args.model, args.dev_batch)
     n = len(adapter.live_ranks())
     naive_s, naive = timed(lambda: adapter.importance_naive(batch), args.repeats)
     fast_s, fast = timed(lambda: adapter.importance(batch, ablations_per_forward=args.per_forward), args.repeats)
     diff = max(abs(naive[r] - fast[r]) for r in naive)
-    print(f"| {args.model}, {n} open ranks, dev batch {args.dev_batch} | seconds per round |\n|---|---:|")
-    print(f"| naive (2 forwards per rank, {2 * n} forwards) | {naive_s:.2f} |")
-    print(f"| optimized (shared prefixes, {args.per_forward} ablations per forward) | {fast_s:.2f} |")
-    print(f"| speed-up | {naive_s / fast_s:.1f}x |\n| largest score difference | {diff:.2e} |")
+    table = "\n".join([
+        f"| {args.model}, {n} open ranks, dev batch {args.dev_batch} | seconds per round |\n|---|---:|",
+        f"| naive (2 forwards per rank, {2 * n} forwards) | {naive_s:.2f} |",
+        f"| optimized (shared prefixes, {args.per_forward} ablations per forward) | {fast_s:.2f} |",
+        f"| speed-up | {naive_s / fast_s:.1f}x |\n| largest score difference | {diff:.2e} |",
+    ])
+    print(table)
+    benchmarks_doc.publish("bench_alora.py", {
+        "alora-scoring": f"The fastest of {args.repeats} runs of each, torch threads default.\n\n{table}",
+    }, doc, DOC_SECTIONS)
 
 
 if __name__ == "__main__":

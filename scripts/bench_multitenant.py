@@ -13,6 +13,9 @@ after a run of the bare backbone, and a configuration's "x bare" is the median o
 that paired run, so a change of machine load hits both sides alike. One thread by default: on a
 shared 2-core machine, two threads waiting on each other make the timings swing far more.
 
+The table goes into docs/benchmarks.md too (section `multitenant`, and the machine's at the top;
+`--no-doc` leaves the page alone, `--doc PATH` writes another copy).
+
     python scripts/bench_multitenant.py          # writes bench/multitenant.md and bench/multitenant.png
     python scripts/bench_multitenant.py --hidden 1024 --layers 16 --tenants 1 8 --prompts 128
 """
@@ -34,7 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import benchmarks_doc  # noqa: E402  (beside this script)
 from bench_train import bar_chart, compose, machine, model_overrides  # noqa: E402
+
+# The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them).
+DOC_SECTIONS = ("multitenant",)
 
 # label -> method overrides (None: the bare backbone; "peft": Hugging Face PEFT's LoRA r=8)
 METHODS = {
@@ -127,7 +134,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=str(ROOT / "bench"))
+    parser.add_argument("--doc", default=str(benchmarks_doc.DOC), help="the page to write the table into "
+                        "(default: %(default)s)")
+    parser.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
     args = parser.parse_args()
+    doc = None if args.no_doc else Path(args.doc)
+    benchmarks_doc.preflight("bench_multitenant.py", DOC_SECTIONS, doc)
     args.max_tenants = max(args.tenants)
     args.methods = ["backbone"] + [m for m in args.methods if m != "backbone"]
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from the libraries
@@ -167,13 +179,15 @@ def main() -> None:
         ttft, decode, ttft_x, decode_x = (statistics.median(t[i] for t in timings) for i in range(4))
         rows.append({"label": label, "tenants": n, "prompt": prompt_len, "ttft": ttft, "decode": decode,
                      "ttft_x": ttft_x, "x_bare": decode_x})
+    # The run's setting: on stdout with the machine, on the page without (it names the machine once, at the top).
+    head = (f"Multi-tenant generation, random-init Llama hidden {args.hidden}, {args.layers} layers, batch "
+            f"{args.batch}, {args.new_tokens} new tokens (greedy), fp32, ")
+    tail = (f"{torch.get_num_threads()} torch thread(s); load average {load_before:.1f} before, {load_after:.1f} "
+            f"after; {args.max_tenants} adapters attached per method; medians of {args.repeats} runs "
+            f"({args.long_repeats} for prompts over 256 tokens) after a warm-up round, x bare: median of the ratios "
+            f"to the paired backbone run; {time.perf_counter() - started:.0f} s.")
     lines = [
-        f"Multi-tenant generation, random-init Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "
-        f"{args.new_tokens} new tokens (greedy), fp32, {machine().split(', torch')[0]}, {torch.get_num_threads()} "
-        f"torch thread(s); load average {load_before:.1f} before, {load_after:.1f} after; {args.max_tenants} "
-        f"adapters attached per method; medians of {args.repeats} runs ({args.long_repeats} for prompts over 256 "
-        f"tokens) after a warm-up round, x bare: median of the ratios to the paired backbone run; "
-        f"{time.perf_counter() - started:.0f} s.",
+        f"{head}{machine().split(', torch')[0]}, {tail}",
         "",
         "| configuration | tenants | prompt | TTFT ms | x bare TTFT | decode tok/s | x bare decode |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -192,6 +206,9 @@ def main() -> None:
     bar_chart(out / "multitenant.png", [f"{r['label']}, {r['tenants']} ten., {r['prompt']} tok" for r in shown],
               [r["x_bare"] for r in shown], "decode tokens/s / the bare backbone's (same prompt length)",
               ["#999" if r["label"].startswith("peft") else "#3b7" for r in shown])
+    # The page names the machine once, at the top: here the setting and the table only.
+    benchmarks_doc.publish("bench_multitenant.py", {"multitenant": "\n".join([head + tail, *lines[1:]])},
+                           doc, DOC_SECTIONS)
 
 
 if __name__ == "__main__":

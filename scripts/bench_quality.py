@@ -11,6 +11,10 @@ AdamW, linear decay after 6% warm-up, batch 16, a number of steps per task (`TAS
 loss half-way and at the end and the better adapter tested, greedy decoding. The untrained
 backbone (no adapter, the same prompts) is a row.
 
+The tables go into docs/benchmarks.md too (sections `quality-backbone` and `quality`, with
+--sweep-lr `quality-lr`, and the machine's at the top; `--no-doc` leaves the page alone, `--doc
+PATH` writes another copy; `--smoke` writes a throwaway copy unless `--doc` names one).
+
     python scripts/bench_quality.py                 # writes bench/quality.md and bench/quality.png
     python scripts/bench_quality.py --seeds 0,1,2 --steps 300      # 300 steps on every task
     python scripts/bench_quality.py --tasks synth_sentiment --methods lora,para --lr para=3e-2
@@ -28,6 +32,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import benchmarks_doc  # noqa: E402  (beside this script)
 from bench_train import compose  # noqa: E402  (the shared Hydra compose helper)
+
+# The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them):
+# the backbone and the results, or (--sweep-lr) the learning rates.
+DOC_SECTIONS = ("quality-backbone", "quality", "quality-lr")
 
 TASKS = ("synth_qa", "synth_math", "synth_sentiment")
 # Training steps per task, the same for every method (batch 16; 2,000 training examples = 125
@@ -275,10 +285,11 @@ def spread(values: list[float]) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}"
 
 
-def write_report(args, results: dict, zero: dict, sizes: dict, budget: int, timings: dict, out: Path) -> str:
-    lines = [
-        f"# Quality at matched budgets (synthetic tasks, `model=tiny_pretrained`)",
-        "",
+def report(args, results: dict, zero: dict, sizes: dict, budget: int, timings: dict, page: bool = False) -> str:
+    """The results in Markdown: for quality.md and stdout, or (`page`) for docs/benchmarks.md, inside
+    whose headings they go (no headings of their own) and which names the machine once, at the top."""
+    lines = [] if page else [f"# Quality at matched budgets (synthetic tasks, `model=tiny_pretrained`)", ""]
+    lines += [
         f"Backbone: {timings['backbone']}. Budget: {budget:,} trainable parameters (LoRA r={args.budget_rank} "
         f"on every linear); each method's knob is the value nearest it. Steps of batch 16: {steps_text(args)} "
         f"(AdamW, linear decay, 6% warm-up; dev loss {eval_text(args)}, best adapter tested; "
@@ -298,7 +309,7 @@ def write_report(args, results: dict, zero: dict, sizes: dict, budget: int, timi
             rule += "---:|"
         head += " per seed | train s | wall s |"
         rule += "---|---:|---:|"
-        lines += [f"## {task}", "", head, rule]
+        lines += [f"**{task}**" if page else f"## {task}", "", head, rule]
         z = zero[task]
         row = f"| backbone, no adapter (zero-shot) | - | 0 | {z[metric]:.1f} |"
         if extra:
@@ -315,16 +326,42 @@ def write_report(args, results: dict, zero: dict, sizes: dict, budget: int, timi
                     f" | {statistics.fmean(r['wall_seconds'] for r in runs):.0f} |")
             lines.append(row)
         lines.append("")
+    machine = "" if page else f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; "
     lines += [
         f"Pretraining: {timings['pretrain']}. Whole benchmark: {timings['total'] / 60:.1f} min "
-        f"({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; load average at the end "
-        f"{timings['load']}).",
+        f"({machine}load average at the end {timings['load']}).",
         "",
     ]
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def write_report(args, results: dict, zero: dict, sizes: dict, budget: int, timings: dict, out: Path) -> str:
+    text = report(args, results, zero, sizes, budget, timings)
     (out / "quality.md").write_text(text)
     plot(args, results, zero, sizes, out)
     return text
+
+
+# pretrain_tiny.py's probe skills -> the page's column names
+SKILL_COLUMNS = {"lookup": "facts", "copy": "copying", "arithmetic": "one-step arithmetic", "chain": "worked chains",
+                 "story": "two-step stories", "instruction": "instructions", "sentiment": "sentiment words"}
+
+
+def backbone_report(info: dict) -> str:
+    """The backbone's held-out loss and skills, as its pretrain.json records them, in Markdown."""
+    a, skills = info["args"], info.get("skill_accuracy", {})
+    return "\n".join([
+        f"The backbone of the run, as `scripts/pretrain_tiny.py` recorded it: Llama hidden {a['hidden']}, "
+        f"{a['layers']} layers, {info['parameters']:,} parameters, {info['tokens']:,} pretraining tokens in "
+        f"{info['train_seconds'] / 60:.1f} min of training; held-out loss per "
+        f"{info.get('heldout_loss_unit', 'token')}.",
+        "",
+        "| held-out LM loss | " + " | ".join(SKILL_COLUMNS.get(k, k) for k in skills) + " |",
+        "|---:|" + "---:|" * len(skills),
+        f"| {info['heldout_loss']['all']:.3f} | " + " | ".join(f"{v:.0f}%" for v in skills.values()) + " |",
+        "",
+        f"(Greedy accuracy on {a.get('probes', 'the')} held-out probes per form of the corpus.)",
+    ])
 
 
 def plot(args, results: dict, zero: dict, sizes: dict, out: Path) -> None:
@@ -360,9 +397,10 @@ def plot(args, results: dict, zero: dict, sizes: dict, out: Path) -> None:
 
 # ------------------------------------------------------------------------------ learning rates
 def sweep_learning_rates(args, sizes: dict, runs_root: Path, model_overrides: list[str], out: Path,
-                         started: float) -> dict:
+                         started: float, doc: Path | None = None, argv=None) -> dict:
     """Each method at each candidate rate on every task (first seed); the pick is the rate with
-    the lowest geometric mean of dev losses over the tasks (tasks differ in loss scale)."""
+    the lowest geometric mean of dev losses over the tasks (tasks differ in loss scale). The table
+    goes into `doc`'s section quality-lr too (None: not)."""
     seed = args.seeds[0]
     jobs = [(task, label, seed, lr) for task in args.tasks for label in args.methods for lr in args.sweep_lr]
     dev = {}
@@ -383,6 +421,8 @@ def sweep_learning_rates(args, sizes: dict, runs_root: Path, model_overrides: li
     text = "\n".join(lines)
     (out / "quality_lr.md").write_text(text)
     print(text)
+    body = "\n".join([lines[0].removeprefix("# ") + ".", *lines[1:]])  # no heading of its own on the page
+    benchmarks_doc.publish("bench_quality.py", {"quality-lr": body}, doc, DOC_SECTIONS, argv)
     return picks
 
 
@@ -405,6 +445,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "a rerun with the same folder resumes its runs (finished ones are not trained again)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
     p.add_argument("--smoke", action="store_true", help="a throwaway backbone, 2 steps, tiny splits, one seed")
+    p.add_argument("--doc", default=None, help="the page to write the tables into (default: "
+                   f"{benchmarks_doc.DOC}; with --smoke, a throwaway copy of it)")
+    p.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
     p.add_argument("--sweep-lr", default=None, metavar="LR,LR,...",
                    help="instead of the benchmark: each method at each of these rates (first seed), "
                         "the best mean dev loss over the tasks picked; writes quality_lr.md")
@@ -446,13 +489,32 @@ def ensure_backbone(args, scratch: Path) -> str:
     return folder, info
 
 
+def doc_path(args, scratch: Path) -> Path | None:
+    """Where the tables go: nowhere with --no-doc, else --doc's page; by default docs/benchmarks.md,
+    or for a smoke run (whose numbers mean nothing) a throwaway copy of it in `scratch`."""
+    if args.no_doc:
+        return None
+    if args.doc:
+        return Path(args.doc)
+    if not args.smoke:
+        return benchmarks_doc.DOC
+    copy = scratch / benchmarks_doc.DOC.name
+    if benchmarks_doc.DOC.exists():
+        shutil.copyfile(benchmarks_doc.DOC, copy)
+    return copy
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    argv = None if argv is None else [__file__, *argv]  # the command line the page records
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # no bar per checkpoint load
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peftrun-quality-") as scratch:
+        doc = doc_path(args, Path(scratch))
+        sections = ["quality-lr"] if args.sweep_lr else ["quality-backbone", "quality"]
+        benchmarks_doc.preflight("bench_quality.py", sections, doc)  # before the long part
         folder, info = ensure_backbone(args, Path(scratch))
         runs_root = Path(args.runs) if args.runs else Path(scratch) / "runs"
         model_overrides = ["model=tiny_pretrained", f"model.name_or_path={folder}"]
@@ -471,7 +533,7 @@ def main(argv=None) -> None:
         out = Path(args.out) if not args.smoke else Path(scratch) / "out"
         out.mkdir(parents=True, exist_ok=True)
         if args.sweep_lr:
-            sweep_learning_rates(args, sizes, runs_root, model_overrides, out, started)
+            sweep_learning_rates(args, sizes, runs_root, model_overrides, out, started, doc, argv)
             if args.smoke:
                 print(f"smoke: wrote {sorted(p.name for p in out.iterdir())}")
             return
@@ -496,6 +558,10 @@ def main(argv=None) -> None:
         }
         text = write_report(args, results, zero, sizes, budget, timings, out)
         print(text)
+        benchmarks_doc.publish("bench_quality.py", {
+            "quality-backbone": backbone_report(info),
+            "quality": report(args, results, zero, sizes, budget, timings, page=True),
+        }, doc, DOC_SECTIONS, argv)
         if args.smoke:
             print(f"smoke: wrote {sorted(p.name for p in out.iterdir())}")
 

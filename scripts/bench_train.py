@@ -5,6 +5,9 @@ Each configuration runs in its own process (peak memory is a per-process high-wa
 warm-up steps, then the median of timed optimizer steps (forward, backward, AdamW) on one
 batch. ALoRA is also timed as a whole run with its allocation rounds, against LoRA's run.
 
+Its tables go into docs/benchmarks.md too (sections `train` and `train-alora-runs`, and the
+machine's at the top; `--no-doc` leaves the page alone, `--doc PATH` writes another copy).
+
     python scripts/bench_train.py                     # writes bench/train.md and bench/train.png
     python scripts/bench_train.py --steps 20 --hidden 512 --layers 8
 """
@@ -24,6 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import benchmarks_doc  # noqa: E402  (beside this script)
+
+# The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them).
+DOC_SECTIONS = ("train", "train-alora-runs")
 
 # name -> method overrides (None: no adapter; "peft": Hugging Face PEFT's LoRA)
 CONFIGS = {
@@ -177,6 +186,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench"))
+    parser.add_argument("--doc", default=str(benchmarks_doc.DOC), help="the page to write the tables into "
+                        "(default: %(default)s)")
+    parser.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
     parser.add_argument("--child", choices=["step", "run"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -186,6 +198,8 @@ def main() -> None:
     if args.child == "run":
         print(json.dumps({"seconds": whole_run(args.name, args)}))
         return
+    doc = None if args.no_doc else Path(args.doc)
+    benchmarks_doc.preflight("bench_train.py", DOC_SECTIONS, doc)
 
     rows = [run_child("step", name, args) for name in CONFIGS]
     floor = rows[0]["seconds"]
@@ -193,9 +207,9 @@ def main() -> None:
     runs = {(m, s): run_child("run", f"{m}:{s}", args)["seconds"] for s in WHOLE_RUNS for m in ("lora", "alora")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    setting = f"Training step, Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens"
     lines = [
-        f"Training step, Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens, "
-        f"fp32, {machine()}.",
+        f"{setting}, fp32, {machine()}.",
         "",
         "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -203,17 +217,25 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / floor:.2f} | "
                      f"{r['seconds'] / peft_s:.2f} | {r['peak_rss_mib']:.0f} |")
+    step_table = lines[1:]
     lora, alora = (runs[(m, "dense")] for m in ("lora", "alora"))
-    lines += ["", f"Whole toy-task runs (tiny model), ALoRA with 8 allocation rounds against LoRA: 120 steps, a round "
-              f"every 10 steps: LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x;"]
+    whole = [f"Whole toy-task runs (tiny model), ALoRA with 8 allocation rounds against LoRA: 120 steps, a round "
+             f"every 10 steps: LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x;"]
     lora, alora = (runs[(m, "paper")] for m in ("lora", "alora"))
-    lines += [f"the paper's schedule (batch 16, 10 epochs = 1,250 steps, rounds every 0.25 epoch after the first): "
+    whole += [f"the paper's schedule (batch 16, 10 epochs = 1,250 steps, rounds every 0.25 epoch after the first): "
               f"LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x."]
+    lines += ["", *whole]
     (out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     bar_chart(out / "train.png", [r["name"] for r in rows], [r["seconds"] / peft_s for r in rows],
               "seconds per training step / PEFT LoRA's", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
+    # The page names the machine once, at the top: here the setting and the tables only.
+    benchmarks_doc.publish("bench_train.py", {
+        "train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
+                            f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table]),
+        "train-alora-runs": "\n".join(whole),
+    }, doc, DOC_SECTIONS)
 
 
 if __name__ == "__main__":
