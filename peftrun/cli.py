@@ -3,7 +3,9 @@
 Bad input must end in one line naming the config key, exit code 2 and nothing written. Hydra
 reports composition errors itself (several lines, exit 1) and creates the run folder before our
 code runs, so the command line is composed and validated here first, through Hydra's compose
-API, and only then handed to Hydra's own entry point.
+API, and only then handed to Hydra's own entry point. The checks themselves live in
+peftrun/validate.py; the job Hydra then runs in this process takes their result instead of
+validating again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _schemas  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from .distributed import check_sharding, export_scheduler_env
+from . import methods as _methods  # noqa: F401  (each method registers its schema)
+from .distributed import export_scheduler_env
 from .errors import ConfigError, fail
 
 CONFIG_DIR = Path(os.environ.get("PEFTRUN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -33,48 +36,6 @@ def _run_name(override_dirname: str) -> str:
 if not OmegaConf.has_resolver("peftrun.run_name"):
     # A run folder that is a function of the command line: re-running a command resumes it.
     OmegaConf.register_new_resolver("peftrun.run_name", _run_name)
-
-
-# --------------------------------------------------------------------------- validation
-def validate(cfg: DictConfig) -> None:
-    """Every check that needs no weights: config values, files, targets on a meta-device model."""
-    from .methods import build_method
-    from .models import load_tokenizer, meta_model, validate_model_config
-    from .tasks import build_task
-
-    t = cfg.trainer
-    checks = [
-        (t.precision in ("fp32", "bf16", "fp16"), "trainer.precision", f"choose fp32, bf16 or fp16, got {t.precision!r}"),
-        (t.scheduler in ("linear", "cosine", "constant"), "trainer.scheduler", f"choose linear, cosine or constant, got {t.scheduler!r}"),
-        (t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}"),
-        (t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be positive, got {t.micro_batch_size}"),
-        (t.grad_accum > 0, "trainer.grad_accum", f"must be positive, got {t.grad_accum}"),
-        (t.eval_batch_size > 0, "trainer.eval_batch_size", f"must be positive, got {t.eval_batch_size}"),
-        (t.max_steps > 0 or t.epochs > 0, "trainer.epochs", "set trainer.max_steps or trainer.epochs above 0"),
-        (0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}"),
-        (len(t.adam_betas) == 2, "trainer.adam_betas", "give two values, e.g. [0.9,0.999]"),
-        (t.early_stopping_patience == 0 or t.eval_every > 0, "trainer.early_stopping_patience",
-         "early stopping needs dev evaluations: set trainer.eval_every"),
-        (t.generate_every == 0 or (t.eval_every > 0 and t.generate_every % t.eval_every == 0),
-         "trainer.generate_every", "generation runs at dev evaluations: make it a multiple of trainer.eval_every"),
-        (cfg.task.max_length > 1, "task.max_length", f"must be at least 2, got {cfg.task.max_length}"),
-        (t.strategy in ("ddp", "fsdp"), "trainer.strategy", f"choose ddp or fsdp, got {t.strategy!r}"),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(key, message)
-    if t.precision == "fp16":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("trainer.precision", "fp16 needs a GPU; use bf16 or fp32 on a CPU")
-    validate_model_config(cfg.model)
-    check_sharding(cfg)
-    method = build_method(cfg.method)
-    method.check_config()
-    build_task(cfg.task).validate()
-    tokenizer = load_tokenizer(cfg.model)
-    method.check_model(meta_model(cfg.model, tokenizer))
 
 
 # --------------------------------------------------------------------------- composition errors
@@ -150,9 +111,12 @@ def candidate_override_lists(overrides: list[str]) -> list[list[str]]:
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose and validate the command line before Hydra runs it; exit 2 on bad input."""
+    """Compose and validate the command line before Hydra runs it; exit 2 on bad input. Each
+    result is kept for the job of the same config that Hydra then runs in this process."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    from .validate import validate
 
     overrides, multirun, wants_help = split_cli(argv)
     if wants_help:
@@ -176,7 +140,7 @@ def precheck(argv: list[str]) -> None:
         if print_only:
             continue
         try:
-            validate(cfg)
+            validate(cfg, keep=True)
         except ConfigError as e:
             fail(e)
 
@@ -186,11 +150,12 @@ def precheck(argv: list[str]) -> None:
 def run(cfg: DictConfig) -> Any:
     from .train.checkpoint import check_resumable
     from .train.loop import train
+    from .validate import validated
 
     export_scheduler_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        validate(cfg)
+        prepared = validated(cfg)  # the precheck's result when it ran in this process
         fresh = check_resumable(run_dir, cfg) is None
     except ConfigError as e:
         remove_if_empty(run_dir)
@@ -198,7 +163,7 @@ def run(cfg: DictConfig) -> Any:
     if int(os.environ.get("RANK", "0")) == 0:  # every process shares one run folder
         write_config(run_dir, cfg)
     try:
-        summary = train(cfg, run_dir)
+        summary = train(cfg, run_dir, prepared=prepared)
     except ConfigError as e:  # found at set-up, before any weights (a batch too large, ...)
         if fresh:
             (run_dir / "config.yaml").unlink(missing_ok=True)

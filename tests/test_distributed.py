@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, compose_config, needs_torchrun, run_torchrun
-from peftrun.cli import validate
+from peftrun.validate import validate
 from peftrun.errors import ConfigError
 from peftrun.train.loop import train
 

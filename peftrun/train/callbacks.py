@@ -3,44 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from .state import Run, TrainState
 
-@dataclass
-class TrainState:
-    """What the loop knows at a point of the run; saved in every checkpoint (`progress` part)."""
-
-    total_steps: int
-    steps_per_epoch: int
-    step: int = 0
-    train_loss: float = math.nan  # token-mean loss of the last optimizer step
-    dev_loss: float = math.nan  # of the last evaluation
-    best_dev_loss: float = math.inf
-    best_step: int = -1
-    bad_evals: int = 0  # evaluations since the best one
-    metrics: dict[str, float] = field(default_factory=dict)  # last generation metrics
-    tokens_seen: int = 0
-    train_seconds: float = 0.0
-    should_stop: bool = False
-    is_best: bool = False  # the last evaluation improved on the best
-    preempted: bool = False  # a signal asked the run to stop here (not saved: a resume goes on)
-    # Live objects (not saved): set by the loop for callbacks that need them.
-    run: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def epoch(self) -> float:
-        return self.step / max(self.steps_per_epoch, 1)
-
-    def progress(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("run", "preempted")}
-
-    def load_progress(self, saved: dict[str, Any]) -> None:
-        for key, value in saved.items():
-            if hasattr(self, key) and key not in ("run", "preempted"):
-                setattr(self, key, value)
+__all__ = ["Callback", "Checkpointer", "EarlyStopping", "MetricsLog", "Progress", "Run", "TrainState", "fire"]
 
 
 class Callback(Protocol):

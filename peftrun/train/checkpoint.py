@@ -8,7 +8,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from ..distributed import load_optimizer_state, optimizer_state
 from ..errors import ConfigError
 from ..methods import ADAPTER_WEIGHTS, replace_dir, save_adapter
+
+if TYPE_CHECKING:
+    from .state import Run, TrainState
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,7 +70,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, state, run, keep: int, protect: frozenset[str] = frozenset()) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, run: Run, keep: int, protect: frozenset[str] = frozenset()) -> Path:
     """Save adapter, optimizer, scheduler, progress and config (main process) and every
     process's RNG into a temporary folder, then rename it into place and prune old ones."""
     acc = run.accelerator
@@ -97,7 +100,7 @@ def save_checkpoint(run_dir: Path, state, run, keep: int, protect: frozenset[str
     return final
 
 
-def load_checkpoint(folder: Path, state, run, process_index: int) -> None:
+def load_checkpoint(folder: Path, state: TrainState, run: Run, process_index: int) -> None:
     run.adapter.load_state_dict(load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)))
     saved_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
     run.adapter.load_extra_state(saved_cfg.get("state", {}))
