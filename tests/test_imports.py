@@ -22,7 +22,8 @@ LAYERS = [
                "peftrun.distributed", "peftrun.loss")),
     ("foundations", ("peftrun.config", "peftrun.errors", "peftrun")),
 ]
-METHOD_PACKAGES = ("lora", "tied_lora", "alora", "para", "iapt")
+# Every package under peftrun/methods/ but common/ is a method.
+METHOD_PACKAGES = sorted(p.parent.name for p in (PACKAGE / "methods").glob("*/__init__.py") if p.parent.name != "common")
 
 
 def module_name(path: Path) -> str:
