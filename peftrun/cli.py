@@ -23,9 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as _schemas  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from . import methods as _methods  # noqa: F401  (each method registers its schema)
 from .distributed import export_scheduler_env
-from .errors import ConfigError, fail
+from .errors import EXIT_INTERRUPTED, ConfigError, RunError, fail
 
-CONFIG_DIR = Path(os.environ.get("PEFTRUN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+# The shipped option files live inside the package (peftrun/conf), so an installed wheel finds
+# them; PEFTRUN_CONFIG_DIR replaces them, `--config-dir DIR` adds a folder of the user's own.
+CONFIG_DIR = Path(os.environ.get("PEFTRUN_CONFIG_DIR", Path(__file__).resolve().parent / "conf"))
 GROUPS = ("model", "task", "method", "trainer")
 
 
@@ -39,11 +41,43 @@ if not OmegaConf.has_resolver("peftrun.run_name"):
 
 
 # --------------------------------------------------------------------------- composition errors
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+def _options(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
+    return sorted({p.stem for d in (CONFIG_DIR, *extra_dirs) for p in (Path(d) / group).glob("*.yaml")})
 
 
-def explain_composition_error(err: Exception) -> ConfigError:
+def user_config_dirs(argv: list[str]) -> list[Path]:
+    """The folders of `--config-dir DIR` / `-cd DIR` (Hydra's flag: option files of the user's
+    own, added to the groups), absolute; a folder that does not exist is a ConfigError."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            found.append(arg.split("=", 1)[1])
+    dirs = [Path(d).expanduser().absolute() for d in found]
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError("--config-dir", f"{d} is not a folder; give a folder of option files "
+                                              f"laid out like the groups (e.g. my_conf/method/my_method.yaml)")
+    return dirs
+
+
+def compose_config(overrides: list[str], config_dirs: list[Path] = ()) -> DictConfig:
+    """The config `peftrun OVERRIDES` runs with (the shipped options plus those in
+    `config_dirs`); Hydra's exceptions pass through (explain_composition_error words them)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    extra = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=[*overrides, *extra])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def explain_composition_error(err: Exception, config_dirs: list[Path] = ()) -> ConfigError:
     """Turn Hydra/OmegaConf's multi-line composition errors into one ConfigError."""
     text = str(err)
     cause = err.__cause__ or err.__context__
@@ -51,7 +85,7 @@ def explain_composition_error(err: Exception) -> ConfigError:
     missing = re.search(r"Could not find '([\w/]+)/([^']+)'", full_text)
     if missing:
         group, option = missing.group(1), missing.group(2)
-        return ConfigError(group, f"no option {option!r}; choose one of: {', '.join(_options(group))}")
+        return ConfigError(group, f"no option {option!r}; choose one of: {', '.join(_options(group, tuple(config_dirs)))}")
     key_match = re.search(r"full_key: ([\w.\[\]]+)", full_text)
     key = key_match.group(1) if key_match else None
     if re.search(r"Key '([^']+)' (?:is not in struct|not in ')", full_text):
@@ -113,12 +147,13 @@ def candidate_override_lists(overrides: list[str]) -> list[list[str]]:
 def precheck(argv: list[str]) -> None:
     """Compose and validate the command line before Hydra runs it; exit 2 on bad input. Each
     result is kept for the job of the same config that Hydra then runs in this process."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from .validate import validate
 
     overrides, multirun, wants_help = split_cli(argv)
+    try:
+        config_dirs = user_config_dirs(argv)
+    except ConfigError as e:
+        fail(e)
     if wants_help:
         return
     # --cfg / --info only print the config: check that it composes, not that it can run.
@@ -129,20 +164,52 @@ def precheck(argv: list[str]) -> None:
         fail(ConfigError("command line", " ".join(str(e).split())))
     for line in lines:
         own = [o for o in line if not o.lstrip("+~").startswith("hydra")]
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=own)
+            cfg = compose_config(own, config_dirs)
         except Exception as e:
-            fail(explain_composition_error(e))
-        finally:
-            GlobalHydra.instance().clear()
+            fail(explain_composition_error(e, config_dirs))
         if print_only:
             continue
         try:
+            check_run_folder(line, multirun, config_dirs)
             validate(cfg, keep=True)
         except ConfigError as e:
             fail(e)
+
+
+def run_folder(line: list[str], multirun: bool, config_dirs: list[Path] = ()) -> tuple[str, Path] | None:
+    """(key, folder) of the run folder Hydra creates for this command line; None where it
+    cannot be told here (Hydra then reports what it finds itself)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            extra = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
+            cfg = compose(config_name="config", overrides=[*line, *extra], return_hydra_config=True)
+        h = cfg.hydra
+        return key, Path(h.sweep.dir) / str(h.sweep.subdir) if multirun else Path(h.run.dir)
+    except Exception:  # e.g. options from --config-dir: fall back to the folder named on the line
+        given = [o.split("=", 1)[1] for o in line if o.lstrip("+").startswith(f"{key}=")]
+        return (key, Path(given[-1])) if given else None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_run_folder(line: list[str], multirun: bool, config_dirs: list[Path] = ()) -> None:
+    """The run folder must be a folder or creatable: a file there (or above it) is refused."""
+    found = run_folder(line, multirun, config_dirs)
+    if found is None:
+        return
+    key, folder = found
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == folder else f"is under {path}, a file"
+                raise ConfigError(key, f"{folder} {what}, not a folder; choose another folder ({key}=...)")
+            return
 
 
 # --------------------------------------------------------------------------- the run
@@ -150,25 +217,41 @@ def precheck(argv: list[str]) -> None:
 def run(cfg: DictConfig) -> Any:
     from .train.checkpoint import check_resumable
     from .train.loop import train
+    from .train.runlock import acquire_run_lock, release_run_lock
     from .validate import validated
 
     export_scheduler_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        prepared = validated(cfg)  # the precheck's result when it ran in this process
-        fresh = check_resumable(run_dir, cfg) is None
-    except ConfigError as e:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # every process shares one run folder
+
+    def refuse(e: ConfigError, written: bool = False) -> None:
+        release_run_lock(run_dir)
+        if written:
+            (run_dir / "config.yaml").unlink(missing_ok=True)
         remove_if_empty(run_dir)
         fail(e)
-    if int(os.environ.get("RANK", "0")) == 0:  # every process shares one run folder
-        write_config(run_dir, cfg)
+
     try:
-        summary = train(cfg, run_dir, prepared=prepared)
-    except ConfigError as e:  # found at set-up, before any weights (a batch too large, ...)
-        if fresh:
-            (run_dir / "config.yaml").unlink(missing_ok=True)
-            remove_if_empty(run_dir)
-        fail(e)
+        prepared = validated(cfg)  # the precheck's result when it ran in this process
+    except ConfigError as e:
+        refuse(e)
+    try:
+        try:
+            if main_process:  # one run per folder, locked before anything is read or written there
+                acquire_run_lock(run_dir)
+            fresh = check_resumable(run_dir, cfg, main=main_process) is None
+        except ConfigError as e:
+            refuse(e)
+        if main_process:
+            write_config(run_dir, cfg)
+        try:
+            summary = train(cfg, run_dir, prepared=prepared)
+        except ConfigError as e:  # found at set-up, before any weights (another world size, ...)
+            refuse(e, written=fresh and main_process)
+        except RunError as e:  # the run started and cannot go on (it diverged): exit 1
+            fail(e)
+    finally:
+        release_run_lock(run_dir)
     return summary.get(summary["primary_metric"])
 
 
@@ -186,8 +269,13 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    precheck(sys.argv[1:])
-    run()
+    try:
+        precheck(sys.argv[1:])
+        run()
+    except KeyboardInterrupt:  # outside the steps, or a second Ctrl-C: no traceback
+        print("peftrun: interrupted (Ctrl-C); run the same command again to resume from the newest "
+              "checkpoint, if any", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Schemas of the shared config groups (model, task, trainer), registered in Hydra's ConfigStore;
 each method's schema lives with the method and is registered with it (peftrun.methods).
 
-Each option file in conf/<group>/ names its schema in its defaults list (for example
-`conf/method/lora.yaml` starts from `lora_schema`), so an unknown key or a value of the wrong
+Each option file in peftrun/conf/<group>/ names its schema in its defaults list (for example
+`peftrun/conf/method/lora.yaml` starts from `lora_schema`), so an unknown key or a value of the wrong
 type is refused while the config is composed, before anything runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -87,10 +87,43 @@ class JsonlTaskConfig(TaskConfig):
     train_file: Optional[str] = None
     dev_file: Optional[str] = None
     test_file: Optional[str] = None
-    # Python format strings over each record's fields, e.g. "Question: {question}\nAnswer:".
+    # {field} placeholders over each record's fields, e.g. "Question: {question}\nAnswer:"
+    # (field names only; {{ and }} are literal braces).
     prompt_template: str = "{prompt}"
     target_template: str = "{target}"
     metric: str = "exact_match"  # exact_match | contains
+
+
+@dataclass
+class ChatTaskConfig(TaskConfig):
+    """Conversations ({"messages": [{"role", "content"}]} or ShareGPT {"conversations": [{"from",
+    "value"}]}) from local json/jsonl/parquet files or a Hub dataset, rendered with the
+    tokenizer's chat template; the loss covers assistant replies (peftrun/tasks/chat.py)."""
+
+    name: str = "chat"
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None  # null: a dev set is held out of train
+    test_file: Optional[str] = None  # null: test = dev
+    # A Hub dataset in the same layout instead of local files (needs a network).
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    revision: Optional[str] = None
+    train_split: str = "train"
+    dev_split: Optional[str] = None
+    test_split: Optional[str] = None
+    # null: "messages" (role/content) or "conversations" (ShareGPT: from/value), whichever a
+    # record has; set them for other field names.
+    messages_field: Optional[str] = None
+    role_field: Optional[str] = None
+    content_field: Optional[str] = None
+    # More role names, each mapped to system, user or assistant (human, gpt, model, ... are known).
+    roles: Dict[str, str] = field(default_factory=dict)
+    # A Jinja template (the string, or a path to a file); null: the tokenizer's, else ChatML.
+    chat_template: Optional[str] = None
+    train_on: str = "all_assistant"  # all_assistant | last_assistant
+    metric: str = "exact_match"  # exact_match | rougeL
+    # Skip (and count) records that are not valid conversations instead of stopping.
+    skip_invalid: bool = False
 
 
 @dataclass
@@ -114,7 +147,7 @@ class HubTaskConfig(TaskConfig):
     # test); original: the source's own splits.
     split_recipe: str = "paper"
     seed: int = 42  # the split recipe's shuffle
-    # Python format strings over the task's fields (each task's yaml lists them).
+    # {field} placeholders over the task's fields (each task's yaml lists them).
     prompt_template: str = MISSING
     target_template: str = MISSING
     source_lang: Optional[str] = None  # translation tasks
@@ -160,6 +193,9 @@ class TrainerConfig:
     warmup_ratio: float = 0.06
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # Optimizer steps whose loss or gradient norm is not finite that are skipped (their update
+    # dropped) before the run stops; 0: the first one stops the run. NaN is never saved.
+    max_nonfinite_skips: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
     # Dev loss every N optimizer steps (0: only at the end); it drives early stopping and the
     # best checkpoint.
@@ -194,6 +230,7 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="task", name="toy_schema", node=ToyTaskConfig)
     cs.store(group="task", name="jsonl_schema", node=JsonlTaskConfig)
+    cs.store(group="task", name="chat_schema", node=ChatTaskConfig)
     cs.store(group="task", name="hub_schema", node=HubTaskConfig)
     cs.store(group="task", name="synthetic_schema", node=SyntheticTaskConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)

@@ -1,6 +1,9 @@
-"""Tokenize (prompt, target) examples, mask the labels, and pad batches.
+"""Tokenize (prompt, target) examples and conversations, mask the labels, and pad batches.
 
 Labels are aligned with input_ids (the model shifts them); -100 marks positions without loss.
+A conversation (task=chat) comes as rendered text segments, each trained or not: it is tokenized
+as one text and every token that starts inside a trained segment (an assistant reply) is
+labelled; its prompt_mask covers the tokens before the first trained one.
 """
 
 from __future__ import annotations
@@ -21,11 +24,16 @@ class TokenizeReport:
     kept: int = 0
     truncated: int = 0  # kept, with the prompt cut from the left (a subset of `kept`)
     dropped: int = 0  # the target alone did not fit in max_length
+    # conversations the task shortened by whole turns from the left to fit (a subset of `kept`)
+    shortened: int = 0
 
     def __str__(self) -> str:
-        return (f"kept {self.kept} of {self.kept + self.dropped} examples "
+        text = (f"kept {self.kept} of {self.kept + self.dropped} examples "
                 f"({self.truncated} with the prompt cut from the left to fit, "
                 f"{self.dropped} dropped because the target alone does not fit)")
+        if self.shortened:
+            text += f"; {self.shortened} conversations shortened by whole turns from the left"
+        return text
 
 
 def _bos_len(ids: Sequence[int], tokenizer) -> int:
@@ -39,12 +47,62 @@ def _cut_left(ids: list[int], keep: int, n_bos: int) -> list[int]:
     return ids[:n_bos] + ids[len(ids) - keep:]
 
 
+def adds_specials(tokenizer, text: str) -> bool:
+    """Whether to let the tokenizer add its special tokens (BOS) to `text`: not when the text
+    already starts with the BOS token (a chat template that writes it), which would double it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
+def tokenize_conversation(segments: Sequence[tuple[str, bool]], tokenizer) -> tuple[list[int], list[bool]]:
+    """Ids of the segments' text, tokenized as one text (the ids generation sees for the same
+    text), and per token whether it is trained: a token is when it starts inside a trained
+    segment. Tokens the tokenizer adds (BOS) are never trained."""
+    text = "".join(t for t, _ in segments)
+    specials = adds_specials(tokenizer, text)
+    if getattr(tokenizer, "is_fast", False):
+        spans, start = [], 0
+        for piece, trained in segments:
+            if trained:
+                spans.append((start, start + len(piece)))
+            start += len(piece)
+        enc = tokenizer(text, add_special_tokens=specials, return_offsets_mapping=True)
+        flags = [lo < hi and any(a <= lo < b for a, b in spans) for lo, hi in enc["offset_mapping"]]
+        return list(enc["input_ids"]), flags
+    # A slow tokenizer has no offsets: segment by segment (ids may differ at the seams).
+    ids, flags = [], []
+    if specials:
+        ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+        flags = [False] * len(ids)
+    for piece, trained in segments:
+        part = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        ids += part
+        flags += [trained] * len(part)
+    return ids, flags
+
+
+def _conversation_feature(ex, tokenizer, max_length: int, loss_on_prompt: bool) -> dict | None:
+    """The feature of a conversation; None when it does not fit in max_length (the task has
+    already left out whole leading turns where that helps: a reply is never cut)."""
+    ids, flags = tokenize_conversation(ex.segments, tokenizer)
+    if len(ids) > max_length or not any(flags):
+        return None
+    first = flags.index(True)
+    return {
+        "input_ids": ids,
+        "labels": list(ids) if loss_on_prompt else [i if f else IGNORE_INDEX for i, f in zip(ids, flags)],
+        "prompt_mask": [1] * first + [0] * (len(ids) - first),
+    }
+
+
 def tokenize_examples(examples, tokenizer, max_length: int, loss_on_prompt: bool = False):
     """Features (`input_ids`, `labels`, `prompt_mask`, as int lists) and a TokenizeReport.
 
     The target is tokenized on its own, then EOS, so that the model learns to stop. A too long
     example loses prompt tokens from the left (never the BOS, never the target); if not even one
-    prompt token fits next to the target, it is dropped.
+    prompt token fits next to the target, it is dropped. A conversation (`ex.segments`) is
+    labelled on its trained segments (the chat template closes each reply) and dropped when it
+    does not fit.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -52,6 +110,15 @@ def tokenize_examples(examples, tokenizer, max_length: int, loss_on_prompt: bool
                                              "with one so the model can learn to stop")
     features, report = [], TokenizeReport()
     for ex in examples:
+        if getattr(ex, "segments", None) is not None:
+            feature = _conversation_feature(ex, tokenizer, max_length, loss_on_prompt)
+            if feature is None:
+                report.dropped += 1
+                continue
+            report.kept += 1
+            report.shortened += int(getattr(ex, "turns_dropped", 0) > 0)
+            features.append(feature)
+            continue
         prompt = list(tokenizer(ex.prompt)["input_ids"])
         target = list(tokenizer(ex.target, add_special_tokens=False)["input_ids"]) + [eos]
         if len(prompt) + len(target) > max_length:
@@ -102,7 +169,7 @@ def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int,
         raise ValueError("the tokenizer has neither a pad nor an eos token; pass pad_token_id")
     rows = []
     for text in prompts:
-        ids = list(tokenizer(text)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=adds_specials(tokenizer, text))["input_ids"])
         if len(ids) > max_length:
             n_bos = _bos_len(ids, tokenizer)
             if max_length - n_bos < 1:

@@ -22,6 +22,7 @@ from .tasks import build_task
 from .tasks.base import Example
 
 PREDICTIONS = "predictions.jsonl"
+PROG = "peftrun-eval"
 
 
 def locate(path: Path, config: Path | None) -> tuple[Path, Path]:
@@ -39,7 +40,11 @@ def locate(path: Path, config: Path | None) -> tuple[Path, Path]:
 
 def read_rows(path: Path) -> tuple[list[str], list[Example]]:
     predictions, examples = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("predictions", f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -56,13 +61,21 @@ def read_rows(path: Path) -> tuple[list[str], list[Example]]:
 
 def evaluate(path: Path, config: Path | None = None) -> dict[str, float]:
     predictions_file, config_file = locate(Path(path), Path(config) if config else None)
-    task = build_task(OmegaConf.load(config_file).task)  # lazy: reads no data
+    try:
+        config = OmegaConf.load(config_file)
+    except Exception as e:  # not YAML, not UTF-8
+        raise ConfigError("config", f"{config_file} does not load as a run's config.yaml "
+                                    f"({type(e).__name__}); pass the run's config.yaml with --config") from None
+    if "task" not in config:
+        raise ConfigError("config", f"{config_file} has no task section; pass the run's config.yaml with --config")
+    task = build_task(config.task)  # lazy: reads no data
     predictions, examples = read_rows(predictions_file)
     return {"primary_metric": task.primary_metric, **task.score(predictions, examples)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="peftrun-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.error = lambda message: fail(ValueError(message), PROG)  # one line, exit 2
     parser.add_argument("path", type=Path, help="a run folder or a predictions.jsonl file")
     parser.add_argument("--config", type=Path, help="the run's config.yaml (default: next to "
                                                     "the predictions)")
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         metrics = evaluate(args.path, args.config)
     except ConfigError as e:
-        fail(e)
+        fail(e, PROG)
     json.dump(metrics, sys.stdout, indent=2)
     print()
 

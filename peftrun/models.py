@@ -98,10 +98,61 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
 # ----------------------------------------------------------------------------------- validation
 def _bitsandbytes_available() -> bool:
     try:
-        import bitsandbytes  # noqa: F401
+        with _quiet_import("bitsandbytes", "kernels"):
+            import bitsandbytes  # noqa: F401
     except Exception:  # a broken install (missing CUDA libs...) fails in other ways than ImportError
         return False
     return True
+
+
+@contextlib.contextmanager
+def _quiet_import(*loggers: str) -> Iterator[None]:
+    """Import a package without the lines it prints about itself (bitsandbytes logs warnings
+    about optional kernels at import): a refusal that follows must be the only line printed."""
+    import io
+    import warnings
+
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def attention_implementations() -> list[str]:
+    """The values model.attn_implementation may take here: eager and every kernel transformers
+    registered (sdpa, flash_attention_2, flex_attention, ...)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        registered = list(ALL_ATTENTION_FUNCTIONS.keys())
+    except Exception:  # another transformers layout: accept the classic ones
+        registered = ["sdpa", "flash_attention_2", "flex_attention"]
+    return ["eager", *[name for name in registered if "|" not in name]]
+
+
+def check_attn_implementation(cfg: ModelConfig) -> None:
+    """An attention kernel transformers does not know, or one whose package is missing."""
+    impl = cfg.attn_implementation
+    if impl is None or "/" in impl:  # null: transformers' default; "org/repo": a Hub kernel
+        return
+    known = attention_implementations()
+    if impl not in known:
+        raise ConfigError("model.attn_implementation",
+                          f"unknown attention {impl!r}; choose one of {' | '.join(known)} or null")
+    if impl.startswith("flash_attention_"):  # flash_attention_2/3/4: a package and a GPU
+        import transformers.utils
+
+        available = getattr(transformers.utils, f"is_flash_attn_{impl.rsplit('_', 1)[-1]}_available", None)
+        if available is not None and not available():
+            raise ConfigError("model.attn_implementation", f"{impl} needs its flash-attn package and a "
+                              f"GPU, not found here; try model.attn_implementation=sdpa")
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -123,6 +174,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(
             "model.quantization", "needs bitsandbytes: pip install bitsandbytes, or set model.quantization=null"
         )
+    check_attn_implementation(cfg)
     if cfg.bnb_4bit_compute_dtype not in DTYPES:
         raise ConfigError(
             "model.bnb_4bit_compute_dtype", f"{cfg.bnb_4bit_compute_dtype!r} is not one of {' | '.join(DTYPES)}"
@@ -364,6 +416,10 @@ def _first_line(err: BaseException) -> str:
 
 def _attn_error(err: BaseException) -> Optional[ConfigError]:
     line = _first_line(err)
+    if "scaled_dot_product_attention" in line:  # sdpa is what failed (Gemma 2, Bloom, GPT-OSS): eager runs
+        model = line.split(" does not support", 1)[0]
+        return ConfigError("model.attn_implementation",
+                           f"{model} does not support sdpa attention; try model.attn_implementation=eager")
     if "attn_implementation" in line or "FlashAttention" in line:
         return ConfigError("model.attn_implementation", f"{line}; try model.attn_implementation=sdpa")
     return None
@@ -389,7 +445,7 @@ def _load_errors(key: str, source) -> Iterator[None]:
         line = _first_line(err)
         if (attn := _attn_error(err)) is not None:
             raise attn from err
-        if "trust_remote_code" in line:
+        if "trust_remote_code" in line or "contains custom code" in str(err):
             raise ConfigError(
                 "model.trust_remote_code",
                 f"{source!r} ships its own code; set model.trust_remote_code=true if you trust it",

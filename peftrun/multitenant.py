@@ -165,11 +165,14 @@ def check_compatible(adapters: list[SavedAdapter]) -> dict:
     return first.model_config
 
 
-def load_tenants(adapters: dict[str, str | os.PathLike], device: str | torch.device | None = None):
+def load_tenants(adapters: dict[str, str | os.PathLike], device: str | torch.device | None = None,
+                 trust_remote_code: bool = False):
     """Rebuild the backbone the saved adapters were trained on and attach each under its name.
     `adapters` maps a name to a run, checkpoint or adapter folder. Returns (model, tokenizer,
     router, task config of the first run or None); `generate_mixed(model, tokenizer, router,
-    [(prompt, name), ...])` then serves them in shared batches."""
+    [(prompt, name), ...])` then serves them in shared batches. A backbone runs code of its own
+    only with `trust_remote_code` (the caller's choice): a run folder's config.yaml is data, and
+    its `model.trust_remote_code` is ignored."""
     from omegaconf import OmegaConf
 
     from .config import ModelConfig
@@ -182,6 +185,7 @@ def load_tenants(adapters: dict[str, str | os.PathLike], device: str | torch.dev
         model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_section)
     except Exception as e:  # a config.yaml from an incompatible peftrun version
         raise ConfigError("model", f"the run's model config does not load ({' '.join(str(e).split())})") from e
+    model_cfg.trust_remote_code = bool(trust_remote_code)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(model_cfg)
     model = build_model(model_cfg, tokenizer, device=device)

@@ -8,7 +8,8 @@ requests each name their adapter.
 Each line of a prompts file is {"prompt": "...", "adapter": "b"}: "adapter" names a loaded
 adapter, null for the backbone alone; without it, the request goes to the positional run's
 adapter (named "default"), or to the backbone when there is none. Output lines (stdout or
---output) are {"prompt", "adapter", "completion"}, in the order of the requests.
+--output) are {"prompt", "adapter", "completion"}, in the order of the requests. For a chat run
+(task=chat) each prompt is one user message, rendered with the run's chat template.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ def read_requests(path: Path, default: str | None) -> list[tuple[str, str | None
     """(prompt, adapter name) from a JSON-lines file of {"prompt", "adapter" (optional)}."""
     if not path.is_file():
         raise ConfigError("prompts-file", f"{path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("prompts-file", f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError("prompts-file", f"{path} cannot be read ({e.strerror or e})") from None
     requests = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -70,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="requests per shared batch")
     parser.add_argument("--output", type=Path, metavar="FILE.jsonl", help="default: standard output")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the backbone run code of its own (transformers' trust_remote_code); never "
+                             "taken from a run folder's config.yaml, only from this flag")
     args = parser.parse_args(argv)
     for flag in ("max_new_tokens", "max_prompt_length", "num_beams", "batch_size"):
         value = getattr(args, flag)
@@ -86,6 +96,9 @@ def serve(args: argparse.Namespace) -> list[dict[str, Any]]:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             raise ConfigError("adapter", f"expected NAME=DIR, got {spec!r}")
+        if not (name.isascii() and name.isidentifier()):
+            raise ConfigError("adapter", f"the name {name!r} is not a plain identifier (letters, digits and _, "
+                                         f"not starting with a digit); e.g. --adapter my_run={folder}")
         if name in adapters:
             raise ConfigError("adapter", f"the name {name!r} is given twice; name each adapter once")
         adapters[name] = folder
@@ -98,10 +111,15 @@ def serve(args: argparse.Namespace) -> list[dict[str, Any]]:
         if name is not None and name not in adapters:
             raise ConfigError("adapter", f"request {i} names adapter {name!r}, which is not given (given: "
                                          f"{', '.join(adapters) or 'none'}; null means the backbone)")
-    model, tokenizer, router, task = load_tenants(adapters, args.device)
+    model, tokenizer, router, task = load_tenants(adapters, args.device, trust_remote_code=args.trust_remote_code)
     task = task or {}
+    inputs = requests
+    if task.get("name") == "chat":  # a chat run: each prompt is a user message, rendered as in training
+        from .tasks.chat import chat_prompt
+
+        inputs = [(chat_prompt(task, tokenizer, p), n) for p, n in requests]
     completions = generate_mixed(
-        model, tokenizer, router, requests, batch_size=args.batch_size, num_beams=args.num_beams,
+        model, tokenizer, router, inputs, batch_size=args.batch_size, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens or task.get("max_new_tokens") or 16,
         max_prompt_length=args.max_prompt_length or task.get("max_length") or 256,
     )
@@ -113,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rows = serve(args)
     except ConfigError as e:
+        if e.key == "model.trust_remote_code":  # the run's own wording names a config key
+            e = ConfigError("trust-remote-code", "the backbone ships code of its own; pass --trust-remote-code "
+                                                 "to run it, if you trust it")
         fail(e, PROG)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output is None:

@@ -3,7 +3,7 @@
 The key is a hash of everything the features depend on: the tokenizer (class, name, the full
 serialized vocabulary/merges/normalizer when it is a fast tokenizer, else its vocabulary, and
 its special tokens), max_length, loss_on_prompt, peftrun's version, and the rendered examples
-themselves (prompt, target). Hashing the rendered text instead of listing options means a new
+themselves (prompt, target; a conversation's rendered segments and dropped turns). Hashing the rendered text instead of listing options means a new
 template, task option, split seed or dataset revision can never hit a stale entry: they all
 change the text. Entries are safetensors files under $PEFTRUN_CACHE (default
 ~/.cache/peftrun), written to a temporary name and renamed, so concurrent processes are safe.
@@ -55,7 +55,11 @@ def cache_key(examples, tokenizer, max_length: int, loss_on_prompt: bool) -> str
     h.update(json.dumps({"peftrun": __version__, "tokenizer": tokenizer_fingerprint(tokenizer),
                          "max_length": max_length, "loss_on_prompt": loss_on_prompt}).encode())
     for ex in examples:
-        h.update(json.dumps([ex.prompt, ex.target]).encode())
+        segments = getattr(ex, "segments", None)
+        if segments is None:
+            h.update(json.dumps([ex.prompt, ex.target]).encode())
+        else:
+            h.update(json.dumps([ex.prompt, ex.target, segments, ex.turns_dropped]).encode())
     return h.hexdigest()[:32]
 
 
@@ -66,7 +70,7 @@ def _save(path: Path, features: Sequence[dict], report: TokenizeReport) -> None:
         flat = [x for f in features for x in f[name]]
         tensors[name] = torch.tensor(flat, dtype=torch.int64)
     meta = {"kept": str(report.kept), "truncated": str(report.truncated),
-            "dropped": str(report.dropped), "peftrun": __version__}
+            "dropped": str(report.dropped), "shortened": str(report.shortened), "peftrun": __version__}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -83,7 +87,8 @@ def _load(path: Path) -> tuple[list[dict], TokenizeReport]:
     columns = {name: tensors[name].tolist() for name in FEATURES}
     features = [{name: columns[name][lo:hi] for name in FEATURES}
                 for lo, hi in zip(bounds[:-1], bounds[1:])]
-    report = TokenizeReport(int(meta["kept"]), int(meta["truncated"]), int(meta["dropped"]))
+    report = TokenizeReport(int(meta["kept"]), int(meta["truncated"]), int(meta["dropped"]),
+                            int(meta.get("shortened", 0)))
     return features, report
 
 

@@ -40,7 +40,7 @@ def setup(model_name: str, dev_batch: int):
     from peftrun.tasks import build_task
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "peftrun" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model={model_name}", "method=alora"])
     GlobalHydra.instance().clear()
     tokenizer = load_tokenizer(cfg.model)

@@ -54,7 +54,7 @@ def compose(overrides):
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "peftrun" / "conf"), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()

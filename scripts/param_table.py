@@ -63,7 +63,7 @@ def method_config(method: str, overrides: tuple[str, ...]):
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "peftrun" / "conf"), version_base="1.3"):
             return compose(config_name="config", overrides=[f"method={method}", *overrides]).method
     finally:
         GlobalHydra.instance().clear()

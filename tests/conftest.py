@@ -1,4 +1,4 @@
-"""Shared fixtures: configs composed from the shipped conf/, tiny models, a toy batch."""
+"""Shared fixtures: configs composed from the shipped peftrun/conf/, tiny models, a toy batch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+CONF = ROOT / "peftrun" / "conf"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # `make test` runs one pytest worker per core (pytest-xdist): one torch thread per process, here

@@ -1,6 +1,6 @@
 """Every shipped config composes, names what it should, and is guarded by its schema.
 
-The options are discovered from conf/<group>/*.yaml, so a new file is covered without editing
+The options are discovered from peftrun/conf/<group>/*.yaml, so a new file is covered without editing
 this module. Fast: composition only, no model is built.
 """
 
@@ -33,7 +33,7 @@ OPTION_IDS = [f"{g}={o}" for g, o in OPTIONS]
 
 
 def _root_defaults() -> dict[str, str | None]:
-    """`{group: option}` from the defaults list of conf/config.yaml."""
+    """`{group: option}` from the defaults list of peftrun/conf/config.yaml."""
     out = {}
     for entry in OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))["defaults"]:
         if isinstance(entry, dict):
@@ -58,7 +58,7 @@ def _experiment_overrides(option: str) -> dict[str, str]:
 def test_the_expected_groups_ship_options():
     assert EXPECTED_GROUPS <= set(_groups())
     for group in EXPECTED_GROUPS:
-        assert _options(group), f"conf/{group}/ has no option"
+        assert _options(group), f"peftrun/conf/{group}/ has no option"
     # the defaults shipped with the app
     assert {"tiny", "toy", "lora"} <= {o for _, o in OPTIONS}
 

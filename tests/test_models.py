@@ -22,12 +22,12 @@ from peftrun.models import (
     validate_model_config,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "peftrun" / "conf"
 TEXT = "Q: max of 3, 1 and 4?\n  A: 4 .\t(done) ~`{x}[y]|\\ 'q' \"z\" ; 10% #1 @ ^_^ <tag>"
 
 
 def model_cfg(name: str, **overrides):
-    """conf/model/<name>.yaml over the schema, as Hydra would compose it (defaults list dropped)."""
+    """peftrun/conf/model/<name>.yaml over the schema, as Hydra would compose it (defaults list dropped)."""
     data = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     data.pop("defaults")
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), data, overrides)

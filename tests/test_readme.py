@@ -175,7 +175,7 @@ def test_every_readme_peftrun_command_composes():
 
     import peftrun.cli as cli
 
-    candidates = [getattr(cli, "CONFIG_DIR", None), ROOT / "peftrun" / "conf", ROOT / "conf"]
+    candidates = [getattr(cli, "CONFIG_DIR", None), ROOT / "peftrun" / "conf"]
     config_dir = next(Path(c) for c in candidates if c is not None and (Path(c) / "config.yaml").is_file())
     parser = OverridesParser.create()
     checked = 0

@@ -65,9 +65,10 @@ def test_checkpoints_are_pruned_and_complete(uninterrupted):
     assert names == ["step-00000020", "step-00000030"]  # save_total_limit=2
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     for ckpt in checkpoint_dirs(run_dir):
-        assert {"adapter", "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.yaml", "rng-0.pt"} <= {
-            p.name for p in ckpt.iterdir()
-        }
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"adapter", "optimizer.json", "optimizer.safetensors", "scheduler.json", "trainer_state.json",
+                "config.yaml", "rng-0.json", "rng-0.safetensors", "manifest.json"} <= names
+        assert not [n for n in names if n.endswith((".pt", ".pkl", ".bin"))], names  # no pickle
 
 
 @pytest.mark.slow

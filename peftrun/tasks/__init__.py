@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from peftrun.errors import ConfigError
-from peftrun.tasks.base import Example, Task
+from peftrun.tasks.base import Example, Task, bind_tokenizer
+from peftrun.tasks.chat import ChatTask
 from peftrun.tasks.choice import CopaTask, HellaswagTask, SiqaTask
 from peftrun.tasks.e2e import E2eNlgTask
 from peftrun.tasks.glue import BoolqTask, QnliTask, RecordTask, RteTask, Sst2Task
@@ -23,6 +24,8 @@ TASKS.update({cls.name: cls for cls in (
     QnliTask, BoolqTask, RecordTask, Iwslt2017Task, E2eNlgTask, AlpacaTask)})
 # Offline tasks over the invented world of the pretrained tiny backbone (scripts/pretrain_tiny.py).
 TASKS.update({cls.name: cls for cls in SYNTHETIC_TASKS})
+# Your own conversations, rendered with the tokenizer's chat template.
+TASKS["chat"] = ChatTask
 
 
 def build_task(cfg) -> Task:
@@ -36,4 +39,4 @@ def build_task(cfg) -> Task:
     return TASKS[name](cfg)
 
 
-__all__ = ["Example", "Task", "TASKS", "build_task", "JsonlTask", "ToyTask"]
+__all__ = ["Example", "Task", "TASKS", "bind_tokenizer", "build_task", "ChatTask", "JsonlTask", "ToyTask"]

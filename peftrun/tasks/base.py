@@ -20,6 +20,11 @@ class Example:
     # Every acceptable answer, for scoring; None means just [target].
     references: list[str] | None = None
     id: str = ""
+    # A conversation (task=chat): its rendered text as consecutive pieces, each with whether the
+    # loss covers it (assistant replies, closed as the chat template closes them); `prompt` and
+    # `target` are then its last trained reply and the text before it (for generation, scoring).
+    segments: list[tuple[str, bool]] | None = None
+    turns_dropped: int = 0  # leading turns the task left out so the conversation fits
 
     def __post_init__(self) -> None:
         if self.references is None:
@@ -39,6 +44,15 @@ class Task(Protocol):
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """Metric values in 0..100, including `primary_metric`."""
+
+
+def bind_tokenizer(task: Task, tokenizer) -> None:
+    """Hand the run's tokenizer to a task that renders through it (a chat template:
+    `use_tokenizer(tokenizer)`, which may raise a ConfigError); the others need none. Called
+    after `validate()` and before `examples()`."""
+    use = getattr(task, "use_tokenizer", None)
+    if use is not None:
+        use(tokenizer)
 
 
 def check_split(split: str) -> None:

@@ -14,6 +14,7 @@ from peftrun.errors import ConfigError
 from peftrun.tasks.base import BuiltOnce, Example, check_limits
 from peftrun.tasks.hub import check_hub, load_records, local_hint, normalize_data_files
 from peftrun.tasks.splits import RECIPES, make_splits
+from peftrun.tasks.template import check_templates, render_template
 
 PEEK_RECORDS = 20  # records per split that validate() renders
 
@@ -27,10 +28,16 @@ class HubTask(BuiltOnce):
     def __init__(self, cfg):
         self.cfg = cfg
         check_limits(cfg)
+        check_templates(cfg)
         if cfg.split_recipe not in RECIPES:
             raise ConfigError("task.split_recipe", f"unknown recipe {cfg.split_recipe!r}; use "
                                                    f"{' or '.join(RECIPES)}")
         self.files = normalize_data_files(cfg.data_files)
+
+    @property
+    def reads_hub(self) -> bool:
+        """The data come from the Hub (a download), not from local files."""
+        return not self.files
 
     # ----------------------------------------------------------------- what a subclass says
     def fields(self, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -103,7 +110,7 @@ class HubTask(BuiltOnce):
 
     def _format(self, key: str, template: str, fields: dict[str, Any]) -> str:
         try:
-            return template.format(**fields)
+            return render_template(template, fields)
         except KeyError as e:
             raise ConfigError(key, f"{{{e.args[0]}}} is not a field of task {self.name}; use "
                                    f"{', '.join('{' + f + '}' for f in fields)}")

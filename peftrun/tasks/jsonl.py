@@ -13,6 +13,7 @@ from pathlib import Path
 from peftrun.errors import ConfigError
 from peftrun.tasks.base import BuiltOnce, Example, check_limits
 from peftrun.tasks.metrics import METRICS, mean_score
+from peftrun.tasks.template import check_templates, render_template
 
 DEV_FRACTION = 0.1  # held out of train when no dev_file is given
 DEV_SEED = 0  # fixed, so the held-out dev set does not move with trainer.seed
@@ -60,7 +61,7 @@ def read_records(path: Path, key: str, limit: int | None = None) -> list[Record]
 
 def render(template: str, key: str, record: dict, lineno: int, path: Path) -> str:
     try:
-        return template.format(**record)
+        return render_template(template, record)
     except KeyError as e:
         fields = ", ".join(record) or "(none)"
         raise ConfigError(key, f"field {e.args[0]!r} is missing from line {lineno} of {path}; "
@@ -79,6 +80,7 @@ class JsonlTask(BuiltOnce):
     def __init__(self, cfg):
         self.cfg = cfg
         check_limits(cfg)
+        check_templates(cfg)
         if cfg.metric not in METRICS:
             raise ConfigError("task.metric", f"unknown metric {cfg.metric!r}; use one of "
                                              f"{', '.join(METRICS)}")

@@ -121,9 +121,11 @@ class Checkpointer:
 
     def on_evaluate(self, state: TrainState) -> None:
         from ..methods import save_adapter
+        from .checkpoint import check_finite_tensors
 
         if state.is_best:
             tensors = state.run.adapter.state_dict()  # every process: sharded tensors are gathered
+            check_finite_tensors(tensors, state.run.cfg, state.step, "adapter", state.run.run_dir)
             if state.run.accelerator.is_main_process:
                 save_adapter(state.run.adapter, state.run.run_dir / "best",
                              {"step": state.step, "dev_loss": state.dev_loss}, tensors=tensors)

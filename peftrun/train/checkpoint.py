@@ -1,22 +1,39 @@
 """Checkpoints: one folder per step under <run>/checkpoints, written under a temporary name and
-renamed, so a killed run never leaves a half checkpoint. The newest complete one resumes."""
+renamed, so a killed run never leaves a half checkpoint.
+
+A checkpoint holds no pickle: tensors are safetensors, everything else JSON (`save_state` /
+`load_state`), so loading a run folder copied from someone else cannot run code. Its last file,
+written inside the temporary folder just before the rename, is `manifest.json`: every other file
+with its size and SHA-256. A checkpoint is trusted only when the manifest is there and every file
+matches it. A run resumes from the newest complete checkpoint; newer incomplete ones (a truncated
+or missing file, a disk that filled up) are set aside as `bad-step-N` with a one-line warning; when
+none is complete the run stops with one line (exit 2). Checkpoints of older peftrun versions
+(pickle `.pt` files, no manifest) are refused, never unpickled.
+
+No tensor that is not finite is ever written (checkpoint, `best/` or `adapter/`): the run stops
+instead (`check_finite_tensors`), keeping the last finite checkpoint.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..distributed import load_optimizer_state, optimizer_state
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..methods import ADAPTER_WEIGHTS, replace_dir, save_adapter
 
 if TYPE_CHECKING:
@@ -25,20 +42,23 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 PROGRESS = "trainer_state.json"
+MANIFEST = "manifest.json"
+FORMAT = 2  # 1: pickle files (.pt), no manifest — refused
+LEGACY_FILES = ("optimizer.pt", "scheduler.pt", "rng-0.pt")
 
 # Keys a resumed run may change without changing what it computes.
 RESUME_SAFE_KEYS = {
     "trainer.progress", "trainer.log_every", "trainer.save_every", "trainer.save_total_limit",
-    "trainer.eval_batch_size", "trainer.num_processes",
+    "trainer.eval_batch_size", "trainer.num_processes", "trainer.max_nonfinite_skips",
 }
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (complete or not: see `check_checkpoint`), oldest first."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -48,13 +68,155 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial(run_dir: Path) -> None:
-    """Remove what a killed run left half-written (never a complete checkpoint)."""
+    """Remove what a killed run left half-written (never a complete checkpoint). Only the
+    holder of the run folder's lock calls this (train/runlock.py)."""
     for leftover in (run_dir / CHECKPOINTS).glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------ state files
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """`obj` as JSON, its tensors moved into `tensors` (named t0, t1, ...)."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu").clone().contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"a checkpoint cannot store {type(obj).__name__} (at {where})")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+        raise ValueError(f"unexpected object with keys {sorted(obj)[:3]}")
+    return obj
+
+
+def save_state(obj: Any, folder: Path, name: str) -> None:
+    """`obj` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as
+    `name.json`, and its tensors as `name.safetensors` when it has any."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(obj, tensors, name)
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps({"format": FORMAT, "state": encoded}))
+
+
+def load_state(folder: Path, name: str) -> Any:
+    data = json.loads((folder / f"{name}.json").read_text())
+    weights = folder / f"{name}.safetensors"
+    tensors = load_file(str(weights)) if weights.exists() else {}
+    return _decode(data["state"], tensors)
+
+
+# ------------------------------------------------------------------------------ the manifest
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file of `folder` with its size and SHA-256 (flushed to disk first), as the
+    folder's last file."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = folder / f".{MANIFEST}.tmp"
+    with tmp.open("w") as f:
+        json.dump({"format": FORMAT, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+_checked: dict[tuple, str | None] = {}  # (folder, manifest stamp) -> problem; hashing once per process
+
+
+def is_legacy(folder: Path) -> bool:
+    """Written by an older peftrun: pickle files and no manifest."""
+    return not (folder / MANIFEST).exists() and any((folder / name).exists() for name in LEGACY_FILES)
+
+
+def check_checkpoint(folder: Path) -> str | None:
+    """None when `folder` is complete (its manifest is there and every file in it matches),
+    else what is wrong, in a few words."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (the checkpoint was not finished)"
+    try:  # every file's identity, size and time: a file changed since it was hashed is hashed again
+        stamp = (str(folder.resolve()), *sorted((str(p), s.st_ino, s.st_size, s.st_mtime_ns)
+                                                for p in folder.rglob("*") if (s := p.stat()) and p.is_file()))
+    except OSError:  # a file vanished meanwhile
+        return f"files of {folder.name} vanished while it was checked"
+    if stamp not in _checked:
+        _checked[stamp] = _check(folder, manifest)
+    return _checked[stamp]
+
+
+def _check(folder: Path, manifest: Path) -> str | None:
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        assert isinstance(files, dict) and files
+    except Exception:
+        return f"{MANIFEST} is unreadable"
+    for name, expected in files.items():
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"{MANIFEST} names a file outside the checkpoint ({name})"
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{name} is missing"
+        if size != expected.get("size"):
+            return f"{name} has {size} bytes, {expected.get('size')} expected"
+        if _sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its SHA-256"
+    required = [f"adapter/{ADAPTER_WEIGHTS}", "optimizer.json", "scheduler.json", PROGRESS, "config.yaml"]
+    missing = [name for name in required if name not in files]
+    if missing:
+        return f"{MANIFEST} does not list {missing[0]}"
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename an incomplete checkpoint out of the way (kept for inspection, never resumed)."""
+    target = folder.with_name(f"bad-{folder.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"bad-{folder.name}-{n}")
+    os.replace(folder, target)
+    return target
+
+
+# ------------------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -70,9 +232,49 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------ finiteness
+def nonfinite_names(tensors: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors (nested in dicts and lists too) holding NaN or inf."""
+    bad = []
+    items = tensors.items() if isinstance(tensors, Mapping) else enumerate(tensors)
+    for name, value in items:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(f"{prefix}{name}")
+        elif isinstance(value, (Mapping, list, tuple)):
+            bad += nonfinite_names(value, f"{prefix}{name}.")
+    return bad
+
+
+def divergence_error(cfg, step: int, what: str, run_dir: Path | None = None) -> RunError:
+    """The one line a diverged run stops with: the step, what was not finite, what to change."""
+    t = cfg.trainer
+    fixes = [f"lower trainer.lr (now {t.lr:g})"]
+    if t.max_grad_norm <= 0:
+        fixes.append("clip gradients (trainer.max_grad_norm=1.0)")
+    fixes.append("or skip a few such steps (trainer.max_nonfinite_skips=N)")
+    kept = ""
+    if run_dir is not None:
+        latest = latest_checkpoint(run_dir)
+        kept = f"; nothing non-finite was saved, the last checkpoint ({latest.name}) stays" if latest else \
+            "; nothing non-finite was saved"
+    return RunError("trainer.lr", f"training diverged at step {step}: {what}; {', '.join(fixes)}{kept}")
+
+
+def check_finite_tensors(tensors: Mapping[str, Any], cfg, step: int, what: str, run_dir: Path) -> None:
+    """Refuse to save `tensors` (the adapter's, an optimizer state) holding NaN or inf."""
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise divergence_error(cfg, step, f"the {what} holds non-finite values ({bad[0]}"
+                                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) and was "
+                                          f"not saved", run_dir)
+
+
+# ------------------------------------------------------------------------------ save and load
 def save_checkpoint(run_dir: Path, state: TrainState, run: Run, keep: int, protect: frozenset[str] = frozenset()) -> Path:
     """Save adapter, optimizer, scheduler, progress and config (main process) and every
-    process's RNG into a temporary folder, then rename it into place and prune old ones."""
+    process's RNG into a temporary folder, list them in its manifest, then rename it into place
+    and prune old ones. Every process checks the tensors are finite first (they agree)."""
     acc = run.accelerator
     root = run_dir / CHECKPOINTS
     tmp = root / f".tmp-step-{state.step:08d}"
@@ -80,17 +282,20 @@ def save_checkpoint(run_dir: Path, state: TrainState, run: Run, keep: int, prote
     # Every process takes part in gathering sharded (FSDP) tensors; the main one writes.
     tensors = run.adapter.state_dict()
     optimizer = optimizer_state(acc, run.model, run.optimizer)
+    check_finite_tensors(tensors, run.cfg, state.step, "adapter", run_dir)
+    check_finite_tensors(optimizer, run.cfg, state.step, "optimizer state", run_dir)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(run.adapter, tmp / "adapter", tensors=tensors)
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+        save_state(optimizer, tmp, "optimizer")
+        save_state(run.scheduler.state_dict(), tmp, "scheduler")
         (tmp / PROGRESS).write_text(json.dumps(state.progress(), indent=2))
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
     acc.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    save_state(rng_state(), tmp, f"rng-{acc.process_index}")
     acc.wait_for_everyone()
     if acc.is_main_process:
+        write_manifest(tmp)
         replace_dir(tmp, final)
         if keep > 0:
             for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -101,15 +306,24 @@ def save_checkpoint(run_dir: Path, state: TrainState, run: Run, keep: int, prote
 
 
 def load_checkpoint(folder: Path, state: TrainState, run: Run, process_index: int) -> None:
-    run.adapter.load_state_dict(load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)))
-    saved_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    run.adapter.load_extra_state(saved_cfg.get("state", {}))
-    load_optimizer_state(run.accelerator, run.model, run.optimizer, torch.load(folder / "optimizer.pt", weights_only=False))
-    run.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    state.load_progress(json.loads((folder / PROGRESS).read_text()))
-    rng = folder / f"rng-{process_index}.pt"
-    if rng.exists():
-        set_rng_state(torch.load(rng, weights_only=False))
+    """Load a complete checkpoint (safetensors and JSON only); a ConfigError if it is not."""
+    problem = check_checkpoint(folder)
+    if problem is not None:
+        raise ConfigError("hydra.run.dir", f"checkpoint {folder} is incomplete ({problem}); run again "
+                                           f"to resume from the previous complete one")
+    try:
+        run.adapter.load_state_dict(load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)))
+        saved_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+        run.adapter.load_extra_state(saved_cfg.get("state", {}))
+        load_optimizer_state(run.accelerator, run.model, run.optimizer, load_state(folder, "optimizer"))
+        run.scheduler.load_state_dict(load_state(folder, "scheduler"))
+        state.load_progress(json.loads((folder / PROGRESS).read_text()))
+        if (folder / f"rng-{process_index}.json").exists():
+            set_rng_state(load_state(folder, f"rng-{process_index}"))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError) as e:
+        raise ConfigError("hydra.run.dir", f"checkpoint {folder} does not load ({type(e).__name__}: "
+                                           f"{' '.join(str(e).split())[:200]}); delete it to resume "
+                                           f"from the one before") from e
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -125,13 +339,49 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_resumable(run_dir: Path, cfg) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start. Refuses a folder whose
-    checkpoints come from a run with another config."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+def check_resumable(run_dir: Path, cfg, main: bool = True) -> Path | None:
+    """The checkpoint to resume from (the newest complete one), or None for a fresh start.
+    `main`: the process that holds the run folder's lock sets newer incomplete checkpoints aside,
+    with a one-line warning each. Refuses (ConfigError) a folder whose checkpoints are all
+    incomplete, were written by an older peftrun in pickle format, or come from a run with
+    another config."""
+    root = run_dir / CHECKPOINTS
+    bad: list[tuple[Path, str]] = []
+    chosen = None
+    for folder in reversed(checkpoint_dirs(run_dir)):
+        if is_legacy(folder):
+            raise ConfigError(
+                "hydra.run.dir",
+                f"{folder} was written by an older peftrun in pickle format, which is never loaded "
+                f"(a pickle can run code); delete {root} to start the run over, or run in another folder",
+            )
+        problem = check_checkpoint(folder)
+        if problem is None:
+            chosen = folder
+            break
+        bad.append((folder, problem))
+    if chosen is None and bad:
+        more = f" (and {len(bad) - 1} more incomplete)" if len(bad) > 1 else ""
+        raise ConfigError(
+            "hydra.run.dir",
+            f"no complete checkpoint in {root}: {bad[0][0].name}: {bad[0][1]}{more}; delete {root} "
+            f"to start the run over, or run in another folder",
+        )
+    if chosen is None:
         return None
-    old = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"), resolve=True)
+    if main:
+        for folder, problem in bad:
+            try:
+                moved = set_aside(folder)
+            except OSError:  # another process of the run moved it already
+                continue
+            print(f"peftrun: warning: checkpoint {folder.name} is incomplete ({problem}); set aside as "
+                  f"{moved.name}, resuming from {chosen.name}", file=sys.stderr, flush=True)
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(chosen / "config.yaml"), resolve=True)
+    except Exception as e:
+        raise ConfigError("hydra.run.dir", f"{chosen / 'config.yaml'} does not load ({type(e).__name__}); "
+                                           f"delete {root} to start the run over") from e
     new = OmegaConf.to_container(cfg, resolve=True)
     diffs = config_differences(old, new)
     if diffs:
@@ -141,4 +391,4 @@ def check_resumable(run_dir: Path, cfg) -> Path | None:
             f"{run_dir} holds checkpoints of a run with another config ({shown}); "
             f"run in another folder (hydra.run.dir=...) or delete {run_dir / CHECKPOINTS}",
         )
-    return ckpt
+    return chosen

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,10 +29,13 @@ from ..loss import keeps_logits, label_tokens, labelled_loss_sum
 from ..methods import ADAPTER_WEIGHTS, save_adapter
 from ..models import build_model
 from ..token_cache import tokenize_cached
-from ..validate import Prepared
+from ..validate import Prepared, check_batch, run_length
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, fire
-from .checkpoint import check_resumable, load_checkpoint, remove_partial
+from .checkpoint import (
+    check_finite_tensors, check_resumable, divergence_error, latest_checkpoint, load_checkpoint, remove_partial,
+)
 from .preemption import PreemptionFlag, catch_preemption
+from .runlock import acquire_run_lock, release_run_lock
 from .state import Run, TrainState
 
 
@@ -41,8 +45,11 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = (),
     summary.json). `prepared`: the task, tokenizer and method validation built (built here if
     not given, unchecked)."""
     trainer = Trainer(cfg, Path(run_dir), prepared)
-    trainer.setup(extra_callbacks)
-    return trainer.train()
+    try:
+        trainer.setup(extra_callbacks)
+        return trainer.train()
+    finally:
+        trainer.close()
 
 
 class Trainer:
@@ -52,6 +59,13 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, prepared: Prepared | None = None):
         self.cfg, self.t, self.run_dir = cfg, cfg.trainer, run_dir
         self.prepared = prepared
+        self.locked = False
+
+    def close(self) -> None:
+        """Release the run folder (its lock), once the run ended or failed."""
+        if self.locked:
+            release_run_lock(self.run_dir)
+            self.locked = False
 
     # ================================================================== set-up
     def setup(self, extra_callbacks: Sequence[Any] = ()) -> None:
@@ -65,7 +79,8 @@ class Trainer:
 
     def setup_processes(self) -> None:
         """The accelerator (trainer.strategy: ddp, or fsdp: sharded backbone and adapter), the
-        run folder, and the checkpoint to resume from, if any."""
+        run folder (locked by the main process: one run per folder), and the checkpoint to
+        resume from, if any."""
         t = self.t
         self.acc = make_accelerator(t)
         self.console = Console(quiet=not self.acc.is_main_process, highlight=False)
@@ -76,7 +91,10 @@ class Trainer:
                 f"the config asks for {t.num_processes} processes but {self.world} were started; "
                 f"launch {t.num_processes} or set trainer.num_processes={self.world}",
             )
-        self.resume_from = check_resumable(self.run_dir, self.cfg)
+        if self.acc.is_main_process:
+            acquire_run_lock(self.run_dir)  # before anything is read, written or cleaned up there
+            self.locked = True
+        self.resume_from = check_resumable(self.run_dir, self.cfg, main=self.acc.is_main_process)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             remove_partial(self.run_dir)
@@ -100,16 +118,10 @@ class Trainer:
         # Dev loss in batches of similar lengths: less padding to compute, the same token sum.
         self.eval_feats = sorted(self.dev_feats, key=lambda f: len(f["input_ids"]))
         global_batch = t.micro_batch_size * t.grad_accum * self.world
+        # Validation checked the examples before tokenizing; some may have been dropped since.
+        steps_per_epoch = check_batch(cfg, len(self.train_feats), self.world)
         self.order = DataOrder(len(self.train_feats), global_batch, t.seed)
-        if self.order.steps_per_epoch == 0:
-            raise ConfigError(
-                "trainer.micro_batch_size",
-                f"a global batch of {global_batch} (micro_batch_size x grad_accum x processes) "
-                f"exceeds the {len(self.train_feats)} training examples; lower it",
-            )
-        steps_per_epoch = self.order.steps_per_epoch
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
-        self.warmup = t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * self.total_steps)
+        self.total_steps, self.warmup = run_length(t, steps_per_epoch)
         self.method.check_run(self.total_steps, steps_per_epoch)
 
     def setup_model(self) -> None:
@@ -181,8 +193,11 @@ class Trainer:
             finally:
                 fire([c for c in self.callbacks if isinstance(c, Progress)], "on_train_end", state)
             if state.preempted:
-                self.console.print(f"[bold]stopped[/] by a signal at step {state.step}; checkpoint saved in "
-                                   f"{self.run_dir / 'checkpoints'}; run the same command again to resume")
+                if self.acc.is_main_process:
+                    saved = latest_checkpoint(self.run_dir)
+                    print(f"peftrun: stopped by {preempted.name or 'a signal'} after step {state.step}; "
+                          f"checkpoint {saved or self.run_dir / 'checkpoints'} saved; run the same "
+                          f"command again to resume", file=sys.stderr, flush=True)
                 hand_on()
         rows = self.final_evaluation()
         self.save(rows)
@@ -199,15 +214,17 @@ class Trainer:
                 for j in range(0, per_process, size)]
 
     def step(self, preempted: PreemptionFlag) -> None:
-        """Forward and backward over the micro-batches, one optimizer step, and the step's
-        loss, tokens and preemption agreed by every process."""
+        """Forward and backward over the micro-batches, the gradient norm (clipped), then one
+        reduction agreeing on the step's loss, tokens, finiteness and preemption over every
+        process, and the optimizer step — dropped when the loss or the gradient norm is not
+        finite (the run stops, or skips it within trainer.max_nonfinite_skips)."""
         acc, state = self.acc, self.state
         micro_batches = self.micro_batches(state.step)
         # Token-normalized accumulation: every labelled token of the global batch weighs the
         # same, however tokens are spread over micro-batches and processes.
         n_tokens = acc.reduce(torch.tensor(float(sum(map(label_tokens, micro_batches))), device=acc.device), "sum")
         step_loss = torch.zeros((), device=acc.device)
-        step_tokens = 0
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # on the host: no sync
         for j, batch in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = j == len(micro_batches) - 1
@@ -218,23 +235,56 @@ class Trainer:
                 # DDP averages gradients over processes; scale back to a global token mean.
                 acc.backward(loss_sum * self.world / n_tokens.clamp(min=1))
             step_loss += loss_sum.detach()
-            step_tokens += int(batch["attention_mask"].sum())
-        if self.t.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.params, self.t.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = self.clip_gradients()
+        # fp16: the gradient scaler skips steps with non-finite gradients itself (and lowers
+        # its scale); only a non-finite loss counts.
+        finite = torch.isfinite(step_loss) if self.t.precision == "fp16" else \
+            torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+        # One reduction (one sync) for the step's loss, its tokens, whether every process's loss
+        # and gradients are finite, and whether a signal reached any process (all then stop
+        # together, after this step's checkpoint).
+        host = torch.tensor([step_tokens, preempted.signum], dtype=torch.float64).to(acc.device)
+        totals = acc.reduce(torch.cat([torch.stack([step_loss.double(), (~finite).double()]), host]), "sum")
+        loss_sum, nonfinite, tokens, signals = totals.tolist()
+        if nonfinite > 0 and self.t.precision != "fp16":
+            self.optimizer.zero_grad(set_to_none=True)  # the update is dropped: the adapter stays finite
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.adapter.set_prompt_mask(None)
 
         state.step += 1
-        # One reduction for the step's loss, its tokens, and whether a signal reached any
-        # process (all then stop together, after this step's checkpoint).
-        totals = acc.reduce(torch.tensor([float(step_loss), step_tokens, preempted.signum],
-                                         dtype=torch.float64, device=acc.device), "sum")
-        state.train_loss = float(totals[0]) / float(n_tokens.clamp(min=1))
-        state.tokens_seen += int(totals[1])
-        state.preempted = bool(totals[2] > 0)
+        if nonfinite > 0:
+            self.nonfinite_step(loss_sum, float(grad_norm))
+        else:
+            state.train_loss = loss_sum / float(n_tokens.clamp(min=1))
+        state.tokens_seen += int(tokens)
+        state.preempted = signals > 0
         state.train_seconds = time.perf_counter() - self.started
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the adapter's gradients to trainer.max_grad_norm (0: measure only); their total
+        norm before clipping, the same on every process."""
+        max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else math.inf
+        norm = self.acc.clip_grad_norm_(self.params, max_norm)
+        if norm is None:  # a back-end that does not report it
+            return torch.zeros((), device=self.acc.device)
+        full = getattr(norm, "full_tensor", None)  # FSDP: a DTensor
+        return (full() if callable(full) else norm).to(self.acc.device)
+
+    def nonfinite_step(self, loss_sum: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm was not finite (its update was dropped): skipped
+        within trainer.max_nonfinite_skips, else the run stops, keeping what it saved."""
+        state = self.state
+        state.nonfinite_steps += 1
+        what = f"the loss is {loss_sum}" if not math.isfinite(loss_sum) else f"the gradient norm is {grad_norm}"
+        if state.nonfinite_steps > self.t.max_nonfinite_skips:
+            raise divergence_error(self.cfg, state.step, what, self.run_dir)
+        self.metrics_log.write({"event": "nonfinite_skip", "step": state.step,
+                                "skipped": state.nonfinite_steps, "reason": what})
+        self.console.print(f"[bold]skipped[/] step {state.step}: {what} ({state.nonfinite_steps} of "
+                           f"trainer.max_nonfinite_skips={self.t.max_nonfinite_skips})")
 
     # ================================================================== evaluation
     def evaluate(self) -> None:
@@ -305,6 +355,7 @@ class Trainer:
     def save(self, rows: list[dict[str, Any]]) -> None:
         """The final adapter (<run>/adapter) and the test predictions (predictions.jsonl)."""
         tensors = self.adapter.state_dict()  # every process: sharded tensors are gathered
+        check_finite_tensors(tensors, self.cfg, self.state.step, "adapter", self.run_dir)
         if self.acc.is_main_process:
             metadata = {"base_model": self.cfg.model.name, "step": self.state.step}
             save_adapter(self.adapter, self.run_dir / "adapter", metadata, tensors=tensors)

@@ -48,6 +48,7 @@ class TrainState:
     bad_evals: int = 0  # evaluations since the best one
     metrics: dict[str, float] = field(default_factory=dict)  # last generation metrics
     tokens_seen: int = 0
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     train_seconds: float = 0.0
     should_stop: bool = False
     is_best: bool = False  # the last evaluation improved on the best
