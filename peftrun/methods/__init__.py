@@ -2,7 +2,7 @@
 defaults (base.py), the registry (registry.py), saving and loading adapters (io.py).
 
 Importing this package imports every method package beside `common/`, and each registers
-itself: adding a method is adding its folder (and its conf/method/<name>.yaml)."""
+itself: adding a method is adding its folder (and its peftrun/conf/method/<name>.yaml)."""
 
 import importlib
 import pkgutil

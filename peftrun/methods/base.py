@@ -229,7 +229,7 @@ class Adapter:
                 raise ValueError(f"{name} also holds adapter(s) {others}; stripping the wrapper would drop them")
         self.merge()  # raises (before changing anything) on a quantized backbone
         for name, layer in self.layers.items():
-            replace_module(model, name, layer.base_layer)
+            layer.unwrap_in(model, name)
         self.layers.clear()
         return model
 

@@ -1,6 +1,6 @@
 """The method registry: name -> Method class. A method joins with `@register_method` on its
 Method class, which also registers its config dataclass as the Hydra schema `<name>_schema`
-(conf/method/<name>.yaml starts from it)."""
+(peftrun/conf/method/<name>.yaml starts from it)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`method=alora`: the schema of conf/method/alora.yaml."""
+"""`method=alora`: the schema of peftrun/conf/method/alora.yaml."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from torch import nn
 from ...errors import ConfigError
 from ..base import DEFAULT_ADAPTER
 from ..common.targets import find_targets
-from ..common.wrapper import lora_peft_config, lora_peft_tensors
+from ..common.peft_format import lora_peft_config, lora_peft_tensors, peft_keys
 from ..lora.model import LoraAdapter, LoraMethod
 from ..registry import register_method
 from .config import AloraConfig
@@ -43,6 +43,10 @@ class AloraAdapter(LoraAdapter):
 
     def live_ranks(self) -> list[Rank]:
         return [(m, int(s)) for m in self.layers for s in torch.nonzero(self.gate(m)).flatten().tolist()]
+
+    def capacity(self) -> dict[str, int]:
+        """Rank slots per module (max_rank; per expert for a stacked expert weight)."""
+        return {m: self.gate(m).numel() for m in self.layers}
 
     def allocation(self) -> dict[str, int]:
         return {m: int(self.gate(m).sum()) for m in self.layers}
@@ -75,10 +79,12 @@ class AloraAdapter(LoraAdapter):
             open_slots = torch.nonzero(self.gate(m)).flatten()
             if open_slots.numel() == 0:
                 continue
-            ranks[m] = open_slots.numel()
-            factors[m] = (layer.lora_A[self.name][open_slots], layer.lora_B[self.name][:, open_slots])
+            factors[m] = layer.peft_factors(self.name, open_slots)
+            ranks[m] = factors[m][0].shape[0] // getattr(layer, "num_experts", 1)
+        keys = peft_keys(self.model, ranks)
+        factors = {keys[m]: f for m, f in factors.items()}
         scale = c.alpha / c.r_init
-        config = lora_peft_config({m: self.layers[m] for m in ranks}, c.r_init, c.alpha, c.dropout,
+        config = lora_peft_config(self.model, {m: self.layers[m] for m in ranks}, c.r_init, c.alpha, c.dropout,
                                   rank_pattern=ranks, alpha_pattern={m: scale * r for m, r in ranks.items()})
         return config, lora_peft_tensors(factors)
 

@@ -17,11 +17,13 @@ from .report import allocation_table, write_heatmap
 from .scoring import Rank, ablation_losses
 
 
-def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, max_rank: int
+def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, max_rank: int | dict[str, int]
                ) -> tuple[list[Rank], dict[str, int]]:
     """The paper's rule. Close the `n` lowest-scored ranks (globally); give as many new ranks to
     the modules that lost none, evenly, the extras to those of higher mean importance, never
-    beyond `max_rank` slots; if no module can take them, the budget shrinks."""
+    beyond `max_rank` slots (per module where a dict: an expert weight has one pool per expert);
+    if no module can take them, the budget shrinks."""
+    slots = max_rank if isinstance(max_rank, dict) else dict.fromkeys(allocation, max_rank)
     pruned = sorted(scores, key=lambda r: (scores[r], r))[:n]
     lost = {m for m, _ in pruned}
     by_module: dict[str, list[float]] = defaultdict(list)
@@ -31,7 +33,7 @@ def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, ma
     candidates = sorted((m for m in allocation if m not in lost),
                         key=lambda m: (-mean.get(m, float("-inf")), m))
     grow: dict[str, int] = {}
-    room = {m: max_rank - allocation[m] for m in candidates}
+    room = {m: slots[m] - allocation[m] for m in candidates}
     remaining = len(pruned)
     while remaining and any(room[m] > 0 for m in candidates):
         open_ = [m for m in candidates if room[m] > 0]
@@ -87,7 +89,7 @@ class AllocationSchedule:
         adapter, run = self.adapter, state.run
         scores = self.scores(state)
         before = adapter.allocation()
-        pruned, grow = reallocate(scores, before, adapter.n_per_round, self.cfg.max_rank)
+        pruned, grow = reallocate(scores, before, adapter.n_per_round, adapter.capacity())
         optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
         with torch.no_grad():
             for m, slot in pruned:
@@ -95,7 +97,7 @@ class AllocationSchedule:
             generator = torch.Generator().manual_seed(run.cfg.trainer.seed * 1000 + adapter.rounds_done)
             for m in sorted(grow):
                 layer = adapter.layers[m]
-                free = torch.nonzero(adapter.gate(m) == 0).flatten().tolist()
+                free = layer.free_slots(adapter.name)
                 for slot in free[: grow[m]]:
                     reinit_slot(layer, adapter.name, slot, generator)
                     reset_moments(optimizer, layer.lora_A[adapter.name], slot, dim=0)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...loss import keeps_logits
 from ..common.blocks import decoder_blocks
 
 Rank = tuple[str, int]  # (module name, slot)
@@ -48,6 +49,7 @@ def ablation_losses(adapter: Any, batch: dict[str, torch.Tensor], configs: list[
     open_gates = {m: adapter.gate(m).detach() for m in layers}
     labels = batch["labels"][:, 1:]
     n_tokens = (labels != -100).sum()
+    kept_logits = keeps_logits(model)
 
     def set_gates(chunk: list[tuple[str, Rank]]) -> None:
         for m, layer in layers.items():
@@ -59,7 +61,11 @@ def ablation_losses(adapter: Any, batch: dict[str, torch.Tensor], configs: list[
             slots = torch.nonzero(g.any(0)).flatten()
             layer.ablation_gate, layer.ablation_slots, layer.ablation_closed = g[:, slots], slots, slots.numel() == 0
 
-    def run(k: int, start_block: int, start_hidden: torch.Tensor | None, capture: dict | None = None):
+    def run(k: int, start_block: int, start_hidden: torch.Tensor | None, capture: dict | None = None,
+            keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The model on k stacked copies of the batch from block `start_block` on; the logits at
+        the positions `keep` (stacked batch x length, bool) through the model's own head and what
+        it does after it (Gemma 2's soft-capping, Granite's and Cohere's logit scales)."""
         hooks = []
         if capture is not None:
             for i, block in enumerate(blocks):
@@ -75,9 +81,14 @@ def ablation_losses(adapter: Any, batch: dict[str, torch.Tensor], configs: list[
                 return ((stacked, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": stacked})
 
             hooks.append(blocks[start_block].register_forward_pre_hook(enter, with_kwargs=True))
+        inputs = {"input_ids": batch["input_ids"].repeat(k, 1), "attention_mask": batch["attention_mask"].repeat(k, 1)}
         try:
-            return model.base_model(input_ids=batch["input_ids"].repeat(k, 1),
-                                    attention_mask=batch["attention_mask"].repeat(k, 1)).last_hidden_state
+            if keep is None:  # the hidden states entering each block are all we want
+                model.base_model(**inputs)
+                return None
+            if kept_logits:
+                return model(**inputs, logits_to_keep=keep).logits
+            return model(**inputs).logits[keep]
         finally:
             for hook in hooks:
                 hook.remove()
@@ -100,12 +111,11 @@ def ablation_losses(adapter: Any, batch: dict[str, torch.Tensor], configs: list[
                 chunk_ids = indices[start : start + per_forward]
                 k = len(chunk_ids)
                 set_gates([configs[i] for i in chunk_ids])
-                hidden = run(k, block, entering[kind][block])
                 # The LM head only where there is a label: K stacked copies' full logits would
                 # be K x batch x length x vocab, far more memory than the forward itself.
                 stacked_labels = labels.repeat(k, 1)
                 where = stacked_labels != -100
-                logits = model.get_output_embeddings()(hidden[:, :-1][where])
+                logits = run(k, block, entering[kind][block], keep=F.pad(where, (0, 1), value=False))
                 token_loss = F.cross_entropy(logits.float(), stacked_labels[where], reduction="none")
                 per_copy = torch.zeros(k, device=token_loss.device).index_add_(
                     0, where.nonzero()[:, 0] // labels.shape[0], token_loss)

@@ -1,6 +1,7 @@
 """The wrapper layer of the LoRA family (LoRA, ALoRA, Tied-LoRA): a frozen linear-like layer
 (nn.Linear, GPT-2's Conv1D, bitsandbytes 4/8-bit) with a low-rank update beside it, merged into
-its weight on request. A method supplies the update (`update`, `per_request`, `delta_weight`)."""
+its weight on request. A method supplies the update (`update`, `per_request`, `delta_weight`).
+Their export in PEFT's LoRA format is in peft_format.py."""
 
 from __future__ import annotations
 
@@ -12,14 +13,24 @@ from transformers.pytorch_utils import Conv1D
 
 from ...errors import ConfigError
 from ..base import AdapterLayer, replace_module
+from .experts import expert_parameters, wrap_expert
 from .targets import linear_features
 
 
 class WrapperLayer(AdapterLayer):
-    def __init__(self, base_layer: nn.Module):
+    experts_layer: type | None = None  # the family's layer on a stacked expert parameter, if any
+
+    def __init__(self, base_layer: nn.Module, features: tuple[int, int] | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = linear_features(base_layer)
+        self.in_features, self.out_features = features or linear_features(base_layer)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def unwrap_in(self, model: nn.Module, name: str) -> None:
+        """Put the wrapped layer back in place of this wrapper (at `name`)."""
+        replace_module(model, name, self.base_layer)
 
     def update(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """Adapter `name`'s addition to the output for input `x` (None: nothing to add)."""
@@ -72,46 +83,31 @@ class WrapperLayer(AdapterLayer):
 
 def wrap_targets(model: nn.Module, names: list[str], layer_type: type[WrapperLayer], method: str
                  ) -> dict[str, WrapperLayer]:
-    """The `layer_type` wrapper of every module in `names`, wrapping those not wrapped yet.
-    Refuses a module another method's wrapper holds (one wrapper cannot hold the other's
-    adapters): call before changing anything."""
+    """The `layer_type` wrapper of every module in `names`, wrapping those not wrapped yet; a
+    stacked expert parameter among them gets the family's experts layer (`layer_type.experts_layer`,
+    common/experts.py). Refuses a module another method's wrapper holds (one wrapper cannot hold
+    the other's adapters): call before changing anything."""
+    experts = expert_parameters(model)
     for name in names:
-        module = model.get_submodule(name)
-        if hasattr(module, "base_layer") and not isinstance(module, layer_type):
-            raise ConfigError("method.name", f"{name} already holds a {type(module).__name__} adapter, which "
-                                             f"{method} cannot share; attach {method} to a backbone of its own")
+        module = model.get_submodule(experts[name][0] if name in experts else name)
+        foreign = module
+        while hasattr(foreign, "base_layer") and isinstance(foreign, AdapterLayer):
+            if not isinstance(foreign, layer_type):
+                raise ConfigError("method.name", f"{name} already holds a {type(foreign).__name__} adapter, which "
+                                                 f"{method} cannot share; attach {method} to a backbone of its own")
+            foreign = foreign.base_layer
+        if name in experts and getattr(layer_type, "experts_layer", None) is None:
+            raise ConfigError("method.targets", f"{name} is a stacked expert weight, which {method} does not adapt; "
+                                                "name linear modules only")
     layers = {}
     for name in names:
+        if name in experts:
+            path, param = experts[name]
+            layers[name] = wrap_expert(model, name, path, param, layer_type.experts_layer)
+            continue
         module = model.get_submodule(name)
         if not isinstance(module, layer_type):
             module = layer_type(module)
             replace_module(model, name, module)
         layers[name] = module
     return layers
-
-
-def lora_peft_config(layers: dict[str, WrapperLayer], r: int, alpha: float, dropout: float, **fields: Any
-                     ) -> dict[str, Any]:
-    """The fields of PEFT's LoraConfig for a LoRA-format export of adapters on `layers`.
-    `fan_in_fan_out` only tells PEFT how a base weight is laid out (GPT-2's Conv1D)."""
-    alpha = float(alpha)
-    return {
-        "peft_type": "LORA",
-        "r": int(r),
-        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "lora_dropout": float(dropout),
-        "target_modules": sorted(layers),
-        "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),
-        "bias": "none",
-        **fields,
-    }
-
-
-def lora_peft_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """(A (r x in), B (out x r)) per module -> PEFT's tensor names (A and B keep this layout for
-    Conv1D too)."""
-    tensors = {}
-    for module, (A, B) in factors.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = A.detach().clone().contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = B.detach().clone().contiguous()
-    return tensors

@@ -41,6 +41,40 @@ def _joint_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tenso
     return torch.cat([soft, mask], dim=-1)
 
 
+class Captured(Exception):
+    """Raised by the attention function while a layer computes its soft tokens' keys and values
+    through the attention module's own code (layer.py `soft_keys_values`): carries them out."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        super().__init__("soft keys and values")
+        self.key, self.value = key, value
+
+
+def attend(original, module, query, key, value, attention_mask, fast: bool = False, mergeable: bool = True,
+           **kwargs):
+    """The attention `original` over the real keys, blended per head by the layer's gate with the
+    joint attention over [soft; real] keys. `fast`: `original` is SDPA (the CPU flash kernel may
+    give the log-sum-exp); `mergeable`: the decode-step merge may replace the joint call."""
+    layer = module.iapt
+    soft_k, soft_v = layer.soft_kv
+    if mergeable and layer.decoding and not torch.is_grad_enabled() and _mergeable(query, attention_mask, kwargs):
+        fused = _attention_with_lse(fast, query, key, value, attention_mask, kwargs) if fast else None
+        if fused is None:
+            out, weights = original(module, query, key, value, attention_mask, **kwargs)
+            real_lse = _real_lse(query, key, attention_mask, kwargs.get("scaling"))
+        else:
+            (out, real_lse), weights = fused, None
+        joint = _merged_joint(query, out, real_lse, soft_k, soft_v, layer.soft_visible, kwargs.get("scaling"))
+    else:
+        out, weights = original(module, query, key, value, attention_mask, **kwargs)
+        joint, _ = original(
+            module, query, torch.cat([soft_k, key], dim=2), torch.cat([soft_v, value], dim=2),
+            _joint_mask(attention_mask, query, key, soft_k.shape[2], layer.soft_visible), **kwargs,
+        )
+    gate = layer.gate.to(out.dtype)  # out: (B, T, H, D)
+    return out + gate * (joint - out), weights
+
+
 def _wrap(original_name: str):
     def iapt_attention(module, query, key, value, attention_mask, **kwargs):
         if original_name == "eager":  # each model file has its own eager function
@@ -48,25 +82,11 @@ def _wrap(original_name: str):
         else:
             original = ALL_ATTENTION_FUNCTIONS[original_name]
         layer = getattr(module, "iapt", None)
+        if layer is not None and layer.capturing:
+            raise Captured(key, value)
         if layer is None or layer.soft_kv is None or layer.gate is None:
             return original(module, query, key, value, attention_mask, **kwargs)
-        soft_k, soft_v = layer.soft_kv
-        if layer.decoding and not torch.is_grad_enabled() and _mergeable(query, attention_mask, kwargs):
-            fused = _attention_with_lse(original_name, query, key, value, attention_mask, kwargs)
-            if fused is None:
-                out, weights = original(module, query, key, value, attention_mask, **kwargs)
-                real_lse = _real_lse(query, key, attention_mask, kwargs.get("scaling"))
-            else:
-                (out, real_lse), weights = fused, None
-            joint = _merged_joint(query, out, real_lse, soft_k, soft_v, layer.soft_visible, kwargs.get("scaling"))
-        else:
-            out, weights = original(module, query, key, value, attention_mask, **kwargs)
-            joint, _ = original(
-                module, query, torch.cat([soft_k, key], dim=2), torch.cat([soft_v, value], dim=2),
-                _joint_mask(attention_mask, query, key, soft_k.shape[2], layer.soft_visible), **kwargs,
-            )
-        gate = layer.gate.to(out.dtype)  # out: (B, T, H, D)
-        return out + gate * (joint - out), weights
+        return attend(original, module, query, key, value, attention_mask, fast=original_name == "sdpa", **kwargs)
 
     return iapt_attention
 
@@ -78,21 +98,30 @@ def _wrap(original_name: str):
 # kernel (what SDPA runs there) returns L with the output; elsewhere L costs one q.K product.
 # Query heads are grouped by the key/value head they read (GQA, in repeat_kv's order); the
 # result equals the joint attention call up to float rounding.
+def _given(value) -> bool:
+    """Whether an attention keyword is in use: a tensor (GPT-OSS's sinks) is, whatever it holds."""
+    return value is not None and (isinstance(value, torch.Tensor) or bool(value))
+
+
 def _mergeable(query: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
-    extras = any(kwargs.get(k) for k in ("softcap", "sliding_window", "position_bias", "s_aux", "sinks"))
+    # Soft-capped scores, sliding windows, position biases and attention sinks change the real
+    # attention's normalization in ways the merge below does not follow: those use the joint call.
+    extras = any(_given(kwargs.get(k)) for k in ("softcap", "sliding_window", "position_bias", "s_aux", "sinks"))
     # A None mask with several query positions means causal, which L would have to follow.
-    return not extras and not kwargs.get("dropout") and (mask is not None or query.shape[2] == 1)
+    return not extras and not _given(kwargs.get("dropout")) and (mask is not None or query.shape[2] == 1)
 
 
-def _attention_with_lse(original_name: str, query, key, value, mask, kwargs):
+def _attention_with_lse(fast: bool, query, key, value, mask, kwargs):
     """(out (B, 1, H, D), L (B, KV, G, 1)) from one call of the CPU flash kernel, or None where
     it does not apply (then the original attention and `_real_lse` are used)."""
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if (flash is None or original_name != "sdpa" or query.device.type != "cpu" or query.shape[2] != 1
+    if (flash is None or not fast or query.device.type != "cpu" or query.shape[2] != 1
             or query.dtype not in (torch.float32, torch.bfloat16)):
         return None
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    if value.shape[-1] != dim:
+        return None
     if mask is not None:
         mask = mask[..., : key.shape[2]]
         if mask.dtype == torch.bool:  # as SDPA converts it
@@ -121,8 +150,9 @@ def _real_lse(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
 
 def _merged_joint(query: torch.Tensor, out: torch.Tensor, real_lse: torch.Tensor, soft_k: torch.Tensor,
                   soft_v: torch.Tensor, soft_visible: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """The joint attention output (B, Tq, H, D) from the real keys' `out` (B, Tq, H, D) and L."""
+    """The joint attention output (B, Tq, H, Dv) from the real keys' `out` (B, Tq, H, Dv) and L."""
     batch, heads, q_len, dim = query.shape
+    v_dim = out.shape[-1]  # DeepSeek's values are narrower than its queries
     kv_heads = soft_k.shape[1]
     scale = dim**-0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, -1, dim).float()
@@ -132,9 +162,9 @@ def _merged_joint(query: torch.Tensor, out: torch.Tensor, real_lse: torch.Tensor
     real_lse = real_lse.reshape(batch, kv_heads, -1, 1).float()
     top = torch.maximum(real_lse, soft_scores.amax(dim=-1, keepdim=True))
     real_mass, soft_mass = (real_lse - top).exp(), (soft_scores - top).exp()
-    real_out = out.transpose(1, 2).reshape(batch, kv_heads, -1, dim).float()
+    real_out = out.transpose(1, 2).reshape(batch, kv_heads, -1, v_dim).float()
     joint = (real_mass * real_out + soft_mass @ soft_v.float()) / (real_mass + soft_mass.sum(dim=-1, keepdim=True))
-    return joint.reshape(batch, heads, q_len, dim).transpose(1, 2).to(out.dtype)
+    return joint.reshape(batch, heads, q_len, v_dim).transpose(1, 2).to(out.dtype)
 
 
 def register(original_name: str) -> str:

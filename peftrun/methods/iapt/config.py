@@ -1,4 +1,4 @@
-"""`method=iapt`: the schema of conf/method/iapt.yaml."""
+"""`method=iapt`: the schema of peftrun/conf/method/iapt.yaml."""
 
 from __future__ import annotations
 

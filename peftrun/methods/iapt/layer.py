@@ -10,29 +10,9 @@ from torch import nn
 from ..base import AdapterLayer
 from ..common.rational import Rational
 from ..common.routing import RequestRows
+from .keys import attention_modules, call_arguments, call_cache, soft_keys_values
 
-
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Self-attention modules by name: Llama-style (k_proj, v_proj) or GPT-2-style (fused c_attn)."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if hasattr(m, "layer_idx")
-        and ((hasattr(m, "k_proj") and hasattr(m, "v_proj")) or hasattr(m, "c_attn"))
-        and not getattr(m, "is_cross_attention", False)
-    }
-
-
-def soft_keys_values(attn: nn.Module, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (batch, kv_heads, n_soft, head_dim) of the soft tokens, through the layer's
-    own frozen projections (GQA: as many heads as k_proj gives)."""
-    if hasattr(attn, "c_attn"):  # GPT-2: one Conv1D gives q | k | v
-        _, key, value = attn.c_attn(soft).split(attn.split_size, dim=2)
-    else:
-        key, value = attn.k_proj(soft), attn.v_proj(soft)
-    shape = (*soft.shape[:-1], -1, attn.head_dim)
-    return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
-
+__all__ = ["IaptLayer", "PromptState", "SoftPromptGenerator", "attention_modules"]
 
 
 class SoftPromptGenerator(nn.Module):
@@ -101,6 +81,7 @@ class IaptLayer(AdapterLayer):
         self.gate: torch.Tensor | None = None
         self.soft_visible: torch.Tensor | None = None
         self.decoding = False  # the KV cache holds this layer's past: the soft tokens are the prefill's
+        self.capturing = False  # the attention runs on the soft tokens, for their keys and values
 
     def add_adapter(self, name: str, generator: SoftPromptGenerator, device=None) -> None:
         self.generators[name] = generator
@@ -117,6 +98,8 @@ def _pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
     """Compute this layer's soft keys/values before its attention runs (prefill or full forward);
     keep the prefill's ones while a KV cache already holds this layer's past."""
     layer: IaptLayer = attn.iapt
+    if layer.capturing:
+        return
     rows = layer.route.rows if layer.route is not None else None
     name = layer.active_adapter if rows is None else rows.single
     if rows is None or rows.single is not None:
@@ -126,8 +109,9 @@ def _pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
     elif not any(n in layer.generators for n in rows.tenants):
         layer.soft_kv = layer.gate = None
         return
-    hidden = args[0] if args else kwargs["hidden_states"]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    call = call_arguments(attn, args, kwargs)
+    hidden = call["hidden_states"]
+    cache = call_cache(call)
     layer.decoding = cache is not None and cache.get_seq_length(attn.layer_idx) > 0
     if layer.decoding:
         if layer.soft_kv is None or layer.soft_kv[0].shape[0] != hidden.shape[0]:
@@ -141,7 +125,7 @@ def _pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
         layer.gate = layer.gates[name].view(1, 1, -1, 1)  # (B, T, H, D) outputs
     else:
         soft, layer.gate, layer.soft_visible = _per_request(layer, rows, hidden, prompt_mask)
-    layer.soft_kv = soft_keys_values(attn, soft)
+    layer.soft_kv = soft_keys_values(attn, soft, call)
 
 
 def _per_request(layer: IaptLayer, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor):

@@ -9,9 +9,10 @@ frozen k/v projections read):
     w = softmax over instruction positions of (h Q / sqrt(m))     Q: learnable m x n_soft queries
     s = up(R(w^T h))                              R: rational activation, m -> d; s: n_soft x d
 
-The soft tokens' keys and values come from the layer's own frozen projections (k_proj/v_proj, or
-GPT-2's fused c_attn). They get no rotary position: like a prefix, they sit outside the sequence,
-so real tokens keep their positions and the KV cache its layout.
+The soft tokens' keys and values come from the layer's own frozen code (keys.py: its projections,
+fused or not, and its key normalization where it has one). They get no rotary position: like a
+prefix, they sit outside the sequence, so real tokens keep their positions and the KV cache its
+layout.
 
 Exact start at the backbone. Extra key positions change the softmax normalization even with
 zero values, so zero-initialising `up` is not enough. Each layer has a per-head gate g (init 0):
@@ -43,12 +44,14 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import DEFAULT_ADAPTER, Adapter, Method, freeze
+from ..common.layouts import hidden_size
 from ..common.rational import available_inits, degree_key
 from ..common.state import unique_parameters
 from ..registry import register_method
 from .attention import PREFIX, SUPPORTED_ATTENTION, register
 from .config import IaptConfig
-from .layer import IaptLayer, PromptState, SoftPromptGenerator, _pre_hook, attention_modules
+from .keys import attention_layouts, custom_attention
+from .layer import IaptLayer, PromptState, SoftPromptGenerator, _pre_hook
 from .rational_update import AlternatingRationalUpdate
 
 KINDS = {"down": "down", "queries": "pooling", "activation": "rational", "up": "up", "gate": "gate"}
@@ -128,36 +131,33 @@ class IaptMethod(Method):
                               "rational_update_every and rational_dev_batch_size must be positive")
 
     def check_model(self, model: nn.Module) -> None:
-        modules = attention_modules(model)
-        layers = getattr(model.config, "num_hidden_layers", None)
-        if not modules or (layers is not None and len(modules) != layers):
-            raise ConfigError(
-                "method.name",
-                f"IAPT needs one self-attention per layer with k_proj/v_proj (Llama-like) or c_attn "
-                f"(GPT-2); found {len(modules)} for {layers} layers in {type(model).__name__}; pick another method",
-            )
+        attention_layouts(model)  # ConfigError naming why, where IAPT cannot join the attention
 
     def attach(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> IaptAdapter:
         self.check_config()
-        self.check_model(model)
+        found = attention_layouts(model)
         impl = model.config._attn_implementation or "eager"
         original = impl.removeprefix(PREFIX)
         if original not in SUPPORTED_ATTENTION:
+            suggest = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
             raise ConfigError("model.attn_implementation",
                               f"IAPT adds key positions through {'/'.join(SUPPORTED_ATTENTION)} attention, "
-                              f"not {impl}; set model.attn_implementation=sdpa")
+                              f"not {impl}; set model.attn_implementation={suggest}")
         model.config._attn_implementation = register(original)
         freeze(model)
         c = self.cfg
-        hidden = model.config.hidden_size
+        hidden = hidden_size(model.config)
         prompt = PromptState()
         layers: dict[str, IaptLayer] = {}
-        for name, attn in attention_modules(model).items():
+        for name, (attn, layout) in found.items():
             weight = next(attn.parameters())
             device = weight.device
             if not hasattr(attn, "iapt"):
-                attn.iapt = IaptLayer(prompt, model.config.num_attention_heads)
+                attn.iapt = IaptLayer(prompt, layout.heads.num_heads)
                 attn.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+                custom = custom_attention(attn)
+                if custom is not None:
+                    custom.install(attn)
             generator = SoftPromptGenerator(hidden, c.bottleneck, c.n_soft, tuple(c.rational_degrees),
                                             c.rational_init, device=device)
             attn.iapt.add_adapter(adapter_name, generator, device=device)

@@ -1,4 +1,4 @@
-"""`method=lora`: the schema of conf/method/lora.yaml."""
+"""`method=lora`: the schema of peftrun/conf/method/lora.yaml."""
 
 from __future__ import annotations
 

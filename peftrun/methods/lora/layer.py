@@ -20,8 +20,8 @@ from ..common.wrapper import WrapperLayer
 class LoraLinear(WrapperLayer):
     held = "lora_A"
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, features: tuple[int, int] | None = None):
+        super().__init__(base_layer, features)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
@@ -36,7 +36,7 @@ class LoraLinear(WrapperLayer):
         self.scaling: dict[str, float] = {}
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         device = weight.device if weight.device.type != "meta" else "meta"
         A = torch.empty(r, self.in_features, device=device, dtype=torch.float32)
         if init == "gaussian":
@@ -54,6 +54,15 @@ class LoraLinear(WrapperLayer):
         gate = torch.zeros(self.lora_A[name].shape[0], device=self.lora_A[name].device)
         gate[:live] = 1.0
         self.lora_gate[name] = nn.Parameter(gate, requires_grad=False)
+
+    def free_slots(self, name: str) -> list[int]:
+        """Closed rank slots, in the order new ranks take them."""
+        return torch.nonzero(self.lora_gate[name] == 0).flatten().tolist()
+
+    def peft_factors(self, name: str, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as PEFT's LoRA holds them, restricted to rank `slots` (all: None)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        return (A, B) if slots is None else (A[slots], B[:, slots])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B diag(gate) A as an (out, in) matrix."""

@@ -12,9 +12,11 @@ from ...errors import ConfigError
 from ..base import DEFAULT_ADAPTER, Adapter, Method, freeze
 from ..common.state import unique_parameters
 from ..common.targets import find_targets
-from ..common.wrapper import lora_peft_config, lora_peft_tensors, wrap_targets
+from ..common.peft_format import lora_peft_config, lora_peft_tensors, peft_keys
+from ..common.wrapper import wrap_targets
 from ..registry import register_method
 from .config import LoraConfig
+from . import experts  # noqa: F401  (LoraLinear's layer on stacked expert weights)
 from .layer import LoraLinear
 
 
@@ -37,12 +39,13 @@ class LoraAdapter(Adapter):
         return [(f"{name}.weight", p) for name, p in self.trainable_parameters()]
 
     def peft_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(A, B) of every module, as PEFT's LoRA holds them."""
-        return {mod: (layer.lora_A[self.name], layer.lora_B[self.name]) for mod, layer in self.layers.items()}
+        """(A, B) of every module, as PEFT's LoRA holds them, by PEFT's module key."""
+        keys = peft_keys(self.model, self.layers)
+        return {keys[mod]: layer.peft_factors(self.name) for mod, layer in self.layers.items()}
 
     def peft_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         c = self.cfg
-        config = lora_peft_config(self.layers, c.r, c.alpha, c.dropout, use_rslora=bool(c.use_rslora),
+        config = lora_peft_config(self.model, self.layers, c.r, c.alpha, c.dropout, use_rslora=bool(c.use_rslora),
                                   init_lora_weights="gaussian" if c.init == "gaussian" else True)
         return config, lora_peft_tensors(self.peft_factors())
 

@@ -1,4 +1,4 @@
-"""`method=para`: the schema of conf/method/para.yaml."""
+"""`method=para`: the schema of peftrun/conf/method/para.yaml."""
 
 from __future__ import annotations
 

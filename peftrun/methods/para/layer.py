@@ -40,6 +40,7 @@ class ParaGenerator(nn.Module):
         self.activation: dict[str, str] = {}
         self.segments: dict[str, dict[str, list[Segment]]] = {}
         self.out_features: dict[str, int] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}  # (adapter, module, device) -> column -> vector entry + 1
         self.vectors: torch.Tensor | None = None  # (batch, width) of the current prompts (one adapter)
         # Module path -> (batch, out_features) multiplier of its output for the current prompts.
         self.scales: dict[str, torch.Tensor] | None = None
@@ -70,20 +71,28 @@ class ParaGenerator(nn.Module):
 
     def multipliers(self, name: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adapter `name`'s (batch, width) vectors as a (batch, out_features) multiplier per
-        module it scales. Unscaled columns (GPT-2's k slice) get ones."""
+        module it scales. Unscaled columns (GPT-2's k slice, a fused projection's other heads)
+        get ones."""
         out = {}
-        batch = vectors.shape[0]
         for path, segments in self.segments.get(name, {}).items():
-            pieces, pos = [], 0
-            for s in segments:
-                if s.start > pos:
-                    pieces.append(vectors.new_ones(batch, s.start - pos))
-                pieces.append(vectors[:, s.offset : s.offset + s.end - s.start])
-                pos = s.end
-            if pos < self.out_features[path]:
-                pieces.append(vectors.new_ones(batch, self.out_features[path] - pos))
-            out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            width = self.out_features[path]
+            if len(segments) == 1 and segments[0].start == 0 and segments[0].end == width:
+                s = segments[0]
+                out[path] = vectors[:, s.offset : s.offset + width]
+                continue
+            # Entry 0 is a one; column c of the module takes entry index[c].
+            padded = torch.cat([vectors.new_ones(vectors.shape[0], 1), vectors], dim=-1)
+            out[path] = padded.index_select(1, self._index(name, path, vectors.device))
         return out
+
+    def _index(self, name: str, path: str, device: torch.device) -> torch.Tensor:
+        key = (name, path, device)
+        if key not in self._indices:
+            index = torch.zeros(self.out_features[path], dtype=torch.long)
+            for s in self.segments[name][path]:
+                index[s.start : s.end] = torch.arange(s.offset + 1, s.offset + 1 + s.end - s.start)
+            self._indices[key] = index.to(device)
+        return self._indices[key]
 
     def prefill(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         """One adapter for every row: compute and keep the vectors and multipliers."""
@@ -118,6 +127,7 @@ class ParaRuntime:
         self.prompt_mask: torch.Tensor | None = None  # as given to set_prompt_mask
         self.forward_mask: torch.Tensor | None = None  # fitted to the current forward's batch
         self.prefill = False
+        self.length = 0  # tokens per sequence in the current forward
         self.generators: list[ParaGenerator] = []
         self.hooked: set[int] = set()  # ids of modules that already carry our hooks
 
@@ -143,6 +153,7 @@ class ParaRuntime:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.prefill = past == 0
+        self.length = inputs.shape[1]
         if not self.prefill:
             return  # a decode step: the layers reuse the vectors of the prefill
         mask = self.prompt_mask
@@ -196,6 +207,9 @@ class ParaRuntime:
         scale = generator.scales.get(path) if generator.scales is not None else None
         if scale is None:
             return output
+        if output.dim() == 2 and output.shape[0] == scale.shape[0] * self.length != scale.shape[0]:
+            # OPT runs its MLP on the tokens flattened to (batch * length, width), row by row.
+            scale = scale.repeat_interleave(self.length, dim=0)
         if scale.shape[0] != output.shape[0]:
             raise RuntimeError(
                 f"PARA vectors were computed for {scale.shape[0]} sequences, this forward has {output.shape[0]}; "

@@ -40,6 +40,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import DEFAULT_ADAPTER, Adapter, Method, freeze
+from ..common.layouts import hidden_size
 from ..common.pooling import POOLINGS
 from ..common.routing import RequestRows, check_tenants
 from ..common.state import unique_parameters
@@ -149,7 +150,7 @@ class ParaMethod(Method):
     def attach(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> ParaAdapter:
         self.check_config()
         plans = plan_layers(model, list(self.cfg.targets))
-        hidden_size = model.get_input_embeddings().embedding_dim
+        hidden = hidden_size(model.config)  # the decoder layers' width (OPT may embed narrower)
         freeze(model)
         runtime = _runtime(model)
         generators: dict[str, ParaGenerator] = {}
@@ -164,7 +165,7 @@ class ParaMethod(Method):
                     lambda _m, args, kwargs, g=generator: runtime.before_layer(g, args, kwargs), with_kwargs=True
                 )
             device = next(p for n, p in plan.layer.named_parameters() if not n.startswith(GENERATOR)).device
-            generator.add_adapter(adapter_name, plan, hidden_size, self.cfg, device)
+            generator.add_adapter(adapter_name, plan, hidden, self.cfg, device)
             for path in plan.segments:
                 module = plan.layer.get_submodule(path)
                 target_modules.append(f"{plan.path}.{path}")

@@ -1,5 +1,8 @@
 """Where PARA's vectors go: per decoder layer, which output columns of which projections each
-entry of the generated vector scales (by role: q, k, v, o, gate, up, down)."""
+entry of the generated vector scales (by role: q, k, v, o, gate, up, down). The columns come from
+the block's layout (common/layouts.py): separate projections, a fused q|k|v in blocks (GPT-2,
+Phi-3, StarCoder's multi-query c_attn), interleaved per head (GPT-NeoX, Bloom) or per key/value
+group (Falcon-40B), DeepSeek's latent attention (k and v: their columns of kv_b_proj)."""
 
 from __future__ import annotations
 
@@ -9,28 +12,9 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..common.blocks import decoder_blocks
+from ..common.layouts import Columns, LayoutError, attention_layout, mlp_layout
 from ..common.targets import linear_features
 
-# Role -> (module path inside a decoder layer, (part, parts) of its output or None for all of it).
-LAYOUTS: dict[str, dict[str, tuple[str, tuple[int, int] | None]]] = {
-    "llama": {  # also Mistral, Qwen2, Gemma...: separate projections
-        "q": ("self_attn.q_proj", None),
-        "k": ("self_attn.k_proj", None),
-        "v": ("self_attn.v_proj", None),
-        "o": ("self_attn.o_proj", None),
-        "gate": ("mlp.gate_proj", None),
-        "up": ("mlp.up_proj", None),
-        "down": ("mlp.down_proj", None),
-    },
-    "gpt2": {  # fused c_attn: q | k | v, each n_embd wide
-        "q": ("attn.c_attn", (0, 3)),
-        "k": ("attn.c_attn", (1, 3)),
-        "v": ("attn.c_attn", (2, 3)),
-        "o": ("attn.c_proj", None),
-        "up": ("mlp.c_fc", None),
-        "down": ("mlp.c_proj", None),
-    },
-}
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -52,55 +36,60 @@ class LayerPlan:
     width: int = 0  # length of the generated vector
 
 
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
-    """(layout name, full name, the ModuleList) of the model's decoder layers."""
-    found = decoder_blocks(model, lambda block: any(_has(block, roles["q"][0]) for roles in LAYOUTS.values()))
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(full name, ModuleList) of the model's decoder layers."""
+    found = decoder_blocks(model)
     if found is None:
-        raise ConfigError(
-            "method.name",
-            "PARA knows Llama-style (q_proj, v_proj, up_proj) and GPT-2 (c_attn, c_fc) decoder layers "
-            "and found neither in this model; pick another method",
-        )
-    name, module = found
-    layout = next(layout for layout, roles in LAYOUTS.items() if _has(module[0], roles["q"][0]))
-    return layout, name, module
+        raise ConfigError("method.name", f"PARA finds no list of decoder layers in {type(model).__name__}; "
+                                         "pick another method")
+    return found
+
+
+def role_columns(model: nn.Module, layer: nn.Module, path: str) -> tuple[dict[str, Columns | None], str | None]:
+    """(role -> the columns it scales in this layer, None where the layer has no such projection;
+    the layer's stacked experts module, if its MLP is a mixture of experts)."""
+    try:
+        attn = attention_layout(model.config, layer)
+    except LayoutError as e:
+        raise ConfigError("method.name", f"PARA cannot place its vectors in {path}: {e}; pick another method") from None
+    mlp = mlp_layout(model.config, layer, attn.path)
+    o = None
+    if attn.output is not None:
+        o = Columns(attn.output, ((0, linear_features(layer.get_submodule(attn.output))[1]),))
+    down = None
+    if mlp.down is not None:
+        down = Columns(mlp.down, ((0, linear_features(layer.get_submodule(mlp.down))[1]),))
+    return {"q": attn.q, "k": attn.k, "v": attn.v, "o": o, "gate": mlp.gate, "up": mlp.up, "down": down}, mlp.experts
+
+
+def _missing(path: str, role: str, experts: str | None, have: list[str]) -> ConfigError:
+    if experts is not None and role in ("gate", "up", "down"):
+        why = (f"its MLP is a mixture of experts ({experts}) whose experts are stacked 3-D weights, with no "
+               f"dense {role} projection to scale")
+    else:
+        why = f"it has no {role} projection"
+    return ConfigError("method.targets", f"layer {path} cannot take role {role!r}: {why}; "
+                                         f"method.targets=[{','.join(have)}] works on this model")
 
 
 def plan_layers(model: nn.Module, targets: list[str]) -> list[LayerPlan]:
     """Which output columns of which modules each layer's vector scales; raises ConfigError."""
-    layout, prefix, layers = decoder_layers(model)
-    roles = LAYOUTS[layout]
-    missing = [t for t in targets if t not in roles]
-    if missing:
-        raise ConfigError(
-            "method.targets", f"{layout}-style layers have no {', '.join(missing)} projection; "
-            f"choose among {', '.join(roles)}",
-        )
+    prefix, layers = decoder_layers(model)
+    found = [(f"{prefix}.{i}", layer, *role_columns(model, layer, f"{prefix}.{i}")) for i, layer in enumerate(layers)]
+    # Roles every layer has (the hint of a refusal), in the order of ROLES.
+    have = [r for r in ROLES if all(cols[r] is not None for _, _, cols, _ in found)]
     plans = []
-    for i, layer in enumerate(layers):
-        plan = LayerPlan(path=f"{prefix}.{i}", layer=layer)
+    for path, layer, cols, experts in found:
+        plan = LayerPlan(path=path, layer=layer)
         for role in targets:
-            path, part = roles[role]
-            if not _has(layer, path):
-                raise ConfigError("method.targets", f"layer {plan.path} has no {path} for target {role!r}")
-            out = linear_features(layer.get_submodule(path))[1]
-            start, end = 0, out
-            if part is not None:
-                index, parts = part
-                start, end = index * out // parts, (index + 1) * out // parts
-            plan.out_features[path] = out
-            plan.segments.setdefault(path, []).append(Segment(start, end, plan.width))
-            plan.width += end - start
+            columns = cols[role]
+            if columns is None:
+                raise _missing(path, role, experts, [r for r in ("q", "v", "up") if r in have] or have)
+            plan.out_features[columns.module] = linear_features(layer.get_submodule(columns.module))[1]
+            for start, end in columns.ranges:
+                plan.segments.setdefault(columns.module, []).append(Segment(start, end, plan.width))
+                plan.width += end - start
         for segs in plan.segments.values():
             segs.sort(key=lambda s: s.start)
         plans.append(plan)
     return plans
-

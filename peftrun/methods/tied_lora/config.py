@@ -1,4 +1,4 @@
-"""`method=tied_lora`: the schema of conf/method/tied_lora.yaml, the presets, and the rules a
+"""`method=tied_lora`: the schema of peftrun/peftrun/conf/method/tied_lora.yaml, the presets, and the rules a
 freeze pattern must follow (`resolve_flags`)."""
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ from typing import Any
 from torch import nn
 
 from ...errors import ConfigError
-from ...models import output_head_names
-from ..common.targets import find_targets, is_linear, linear_features
+from ..common.blocks import decoder_blocks
+from ..common.experts import expert_layout, expert_parameters
+from ..common.layouts import LayoutError, attention_layout
+from ..common.targets import find_targets, linear_features
 
 QKV = "qkv"
-QKV_SPLIT = ("q_proj", "k_proj", "v_proj")  # Llama, Mistral, Qwen...: separate linears, this order
-QKV_FUSED = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")  # GPT-2, GPT-NeoX/Falcon, Phi-3, MPT
 
 
 @dataclass
@@ -38,7 +38,10 @@ def find_groups(model: nn.Module, targets: Any) -> list[Group]:
         if kind == QKV:
             groups += _qkv_groups(model)
         else:
-            groups += [Group(kind, n.rpartition(".")[0], [n]) for n in find_targets(model, [kind], key)]
+            experts = expert_parameters(model)
+            # An expert weight is its own kind (an experts module's name selects all of them).
+            groups += [Group(n.rsplit(".", 1)[-1] if n in experts else kind, n.rpartition(".")[0], [n])
+                       for n in find_targets(model, [kind], key)]
     seen: set[str] = set()
     for g in groups:
         overlap = seen.intersection(g.members)
@@ -50,39 +53,44 @@ def find_groups(model: nn.Module, targets: Any) -> list[Group]:
 
 
 def _qkv_groups(model: nn.Module) -> list[Group]:
-    heads = output_head_names(model)
-    linears = {
-        n for n, m in model.named_modules() if is_linear(m) and n not in heads and not n.endswith(".base_layer")
-    }
+    """Per decoder block, the linears computing its attention's q, k and v from the block's input
+    (common/layouts.py): q_proj, k_proj, v_proj; one fused q|k|v linear (GPT-2, Phi-3, GPT-NeoX,
+    Falcon, Bloom...); DeepSeek's q_a_proj and kv_a_proj_with_mqa."""
+    found = decoder_blocks(model)
+    if found is None:
+        raise ConfigError("method.targets", f"qkv: no list of decoder blocks in {type(model).__name__}; "
+                                            "name the modules to adapt instead")
+    prefix, blocks = found
     groups = []
-    for name, _ in model.named_modules():
-        split = [f"{name}.{s}" if name else s for s in QKV_SPLIT]
-        if all(s in linears for s in split):
-            groups.append(Group(QKV, name, split))
-            continue
-        fused = [f"{name}.{s}" for s in QKV_FUSED if f"{name}.{s}" in linears]
-        if fused:
-            groups.append(Group(QKV, name, fused[:1]))
-    if not groups:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ConfigError(
-            "method.targets",
-            f"qkv needs q_proj/k_proj/v_proj or a fused {'/'.join(QKV_FUSED)}; this model has: "
-            f"{', '.join(kinds)} (name those instead)",
-        )
+    for i, block in enumerate(blocks):
+        try:
+            layout = attention_layout(model.config, block)
+        except LayoutError as e:
+            raise ConfigError("method.targets", f"qkv: {e}; name the modules to adapt instead") from None
+        path = f"{prefix}.{i}"
+        groups.append(Group(QKV, f"{path}.{layout.path}", [f"{path}.{m}" for m in layout.inputs]))
     return groups
 
 
+def _features(model: nn.Module, name: str, experts: dict) -> tuple[int, ...]:
+    """(in, out) of a linear; (in, out, experts) of a stacked expert weight."""
+    if name in experts:
+        path, param = experts[name]
+        layout = expert_layout(model.get_submodule(path), param)
+        return (*layout.features, layout.num_experts)
+    return linear_features(model.get_submodule(name))
+
+
 def _check_shapes(model: nn.Module, groups: list[Group]) -> None:
-    by_kind: dict[str, set[tuple[int, int]]] = {}
+    experts = expert_parameters(model)
+    by_kind: dict[str, set[tuple[int, ...]]] = {}
     for g in groups:
-        features = [linear_features(model.get_submodule(m)) for m in g.members]
+        features = [_features(model, m, experts) for m in g.members]
         if len({f[0] for f in features}) != 1:
             raise ConfigError("method.targets", f"{g.members} read inputs of different sizes; they cannot share A")
-        by_kind.setdefault(g.kind, set()).add((features[0][0], sum(f[1] for f in features)))
+        by_kind.setdefault(g.kind, set()).add((features[0][0], sum(f[1] for f in features), *features[0][2:]))
     for kind, shapes in by_kind.items():
         if len(shapes) > 1:
             raise ConfigError(
                 "method.targets", f"{kind} has layers of different shapes {sorted(shapes)}; tied A/B need one shape"
             )
-

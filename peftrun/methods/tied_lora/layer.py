@@ -106,8 +106,8 @@ class TiedLoraLinear(WrapperLayer):
 
     held = "tied_lora"
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, features: tuple[int, int] | None = None):
+        super().__init__(base_layer, features)
         self.tied_lora = nn.ModuleDict()
         self.slices: dict[str, tuple[int, int]] = {}
         self._routed: tuple[TiedRouting, tuple[torch.Tensor, ...] | None] | None = None
@@ -164,6 +164,9 @@ class TiedLoraLinear(WrapperLayer):
         A, B = self.tied_lora[name].scaled_factors()
         start, end = self.slices[name]
         return A, B[start:end]
+
+    def peft_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_factors(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_factors(name)

@@ -20,11 +20,12 @@ from ...errors import ConfigError
 from ..base import DEFAULT_ADAPTER, Adapter, Method, freeze
 from ..common.routing import RequestRows
 from ..common.state import config_to_dict, unique_parameters
-from ..common.targets import linear_features
-from ..common.wrapper import lora_peft_config, lora_peft_tensors, wrap_targets
+from ..common.peft_format import lora_peft_config, lora_peft_tensors, peft_keys
+from ..common.wrapper import wrap_targets
 from ..registry import register_method
 from .config import COMPONENTS, TiedLoraConfig, resolve_flags
 from .groups import find_groups
+from .experts import TiedExpertsBlock, TiedLoraExperts
 from .layer import TiedLoraBlock, TiedLoraLinear, TiedRouting
 
 
@@ -67,10 +68,12 @@ class TiedLoraAdapter(Adapter):
     def peft_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """A standard LoRA per module: A' = u*A, B' = (v*B)[this module's slice], scale 1
         (lora_alpha = r)."""
+        keys = peft_keys(self.model, self.layers)
         with torch.no_grad():
-            factors = {mod: layer.lora_factors(self.name) for mod, layer in self.layers.items()}
+            factors = {keys[mod]: layer.peft_factors(self.name) for mod, layer in self.layers.items()}
         r = int(self.cfg.r)
-        return lora_peft_config(self.layers, r, r, self.cfg.dropout, use_rslora=False), lora_peft_tensors(factors)
+        config = lora_peft_config(self.model, self.layers, r, r, self.cfg.dropout, use_rslora=False)
+        return config, lora_peft_tensors(factors)
 
     def unload(self, model: nn.Module) -> nn.Module:
         model = super().unload(model)
@@ -106,23 +109,27 @@ class TiedLoraMethod(Method):
         blocks: dict[tuple[str, str], TiedLoraBlock] = {}
         layers: dict[str, TiedLoraLinear] = {}
         for g in groups:
-            device = wrappers[g.members[0]].base_layer.weight.device
-            d_in = linear_features(wrappers[g.members[0]])[0]
-            d_out = sum(wrappers[m].out_features for m in g.members)
+            first = wrappers[g.members[0]]
+            device = first.base_weight().device
+            d_in, d_out = first.in_features, sum(wrappers[m].out_features for m in g.members)
+            experts = (first.num_experts,) if isinstance(first, TiedLoraExperts) else ()
 
             def matrix(c: str, shape: tuple[int, int]) -> nn.Parameter:
                 if flags[f"tie_{c}"] and (g.kind, c) in shared:
                     return shared[(g.kind, c)]
-                p = nn.Parameter(_init_matrix(shape, flags[f"init_{c}"], r, device), requires_grad=flags[f"train_{c}"])
+                own = () if flags[f"tie_{c}"] else experts  # untied: one per layer (and expert)
+                t = _init_matrix((math.prod(own) * shape[0], shape[1]), flags[f"init_{c}"], r, device)
+                p = nn.Parameter(t.view(*own, *shape), requires_grad=flags[f"train_{c}"])
                 if flags[f"tie_{c}"]:
                     shared[(g.kind, c)] = p
                 return p
 
             def vector(c: str, size: int) -> nn.Parameter:
-                t = torch.full((size,), flags[f"init_{c}"], device=device, dtype=torch.float32)
+                t = torch.full((*experts, size), flags[f"init_{c}"], device=device, dtype=torch.float32)
                 return nn.Parameter(t, requires_grad=flags[f"train_{c}"])
 
-            block = TiedLoraBlock(
+            block_type = TiedExpertsBlock if experts else TiedLoraBlock
+            block = block_type(
                 matrix("A", (r, d_in)), matrix("B", (d_out, r)), vector("u", r), vector("v", d_out),
                 float(self.cfg.dropout), len(g.members),
             )
