@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as _schemas  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from . import methods as _methods  # noqa: F401  (each method registers its schema)
 from .distributed import export_scheduler_env
-from .errors import EXIT_INTERRUPTED, ConfigError, RunError, fail
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, RunError, fail
 
 # The shipped option files live inside the package (peftrun/conf), so an installed wheel finds
 # them; PEFTRUN_CONFIG_DIR replaces them, `--config-dir DIR` adds a folder of the user's own.
@@ -144,6 +145,24 @@ def candidate_override_lists(overrides: list[str]) -> list[list[str]]:
     return lines
 
 
+# Keys whose value is a path, often of a run folder named by its overrides (`a=1,b=2`).
+PATH_KEYS = ("trainer.init_from", "trainer.resume_from")
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """The command line with the value of a PATH_KEYS override that holds `=` (which Hydra's
+    grammar refuses unquoted) put in Hydra's quotes, so `trainer.init_from=outputs/a=1,b=2` is
+    one path."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in PATH_KEYS and "=" in value and value[:1] not in ("'", '"') \
+                and "'" not in value and not value.endswith("\\"):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def precheck(argv: list[str]) -> None:
     """Compose and validate the command line before Hydra runs it; exit 2 on bad input. Each
     result is kept for the job of the same config that Hydra then runs in this process."""
@@ -213,8 +232,38 @@ def check_run_folder(line: list[str], multirun: bool, config_dirs: list[Path] = 
 
 
 # --------------------------------------------------------------------------- the run
+class SweepJobFailed(Exception):
+    """A sweep's job failed: its reason is in its error.txt and on stderr; the other jobs go on."""
+
+
+_failed_jobs: list[str] = []  # the folders of this process's sweep jobs that failed
+
+
+def one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, (ConfigError, RunError)) else f"{type(err).__name__}: {text}"
+
+
+def record_error(run_dir: Path, err: Exception) -> None:
+    """error.txt in the run folder: the one line a failed run ends with (a sweep's summary lists it)."""
+    try:
+        (run_dir / "error.txt").write_text(one_line(err) + "\n")
+    except OSError:
+        pass
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> Any:
+    """Hydra's job: one run. A sweep's job that fails is recorded and the sweep goes on."""
+    try:
+        return run_job(cfg)
+    except SweepJobFailed:
+        return None
+
+
+def run_job(cfg: DictConfig) -> Any:
+    from hydra.types import RunMode
+
     from .train.checkpoint import check_resumable
     from .train.loop import train
     from .train.runlock import acquire_run_lock, release_run_lock
@@ -223,11 +272,24 @@ def run(cfg: DictConfig) -> Any:
     export_scheduler_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0  # every process shares one run folder
+    sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
+
+    def stop(e: Exception) -> None:
+        """error.txt, then: a sweep's job says one line and lets the sweep go on; a run exits."""
+        if main_process:
+            record_error(run_dir, e)
+        if sweep_job:
+            _failed_jobs.append(run_dir.name)
+            print(f"peftrun: error: job {run_dir.name}: {one_line(e)}", file=sys.stderr, flush=True)
+            raise SweepJobFailed(one_line(e))
+        fail(e)
 
     def refuse(e: ConfigError, written: bool = False) -> None:
         release_run_lock(run_dir)
         if written:
             (run_dir / "config.yaml").unlink(missing_ok=True)
+        if sweep_job:  # the job's folder keeps its error.txt for the sweep's summary
+            stop(e)
         remove_if_empty(run_dir)
         fail(e)
 
@@ -244,12 +306,20 @@ def run(cfg: DictConfig) -> Any:
             refuse(e)
         if main_process:
             write_config(run_dir, cfg)
+            (run_dir / "error.txt").unlink(missing_ok=True)  # of an earlier try
         try:
             summary = train(cfg, run_dir, prepared=prepared)
         except ConfigError as e:  # found at set-up, before any weights (another world size, ...)
             refuse(e, written=fresh and main_process)
         except RunError as e:  # the run started and cannot go on (it diverged): exit 1
-            fail(e)
+            stop(e)
+        except Exception as e:  # a crash: recorded; in a sweep, the other jobs go on
+            if not sweep_job:
+                if main_process:
+                    record_error(run_dir, e)
+                raise
+            traceback.print_exc()
+            stop(e)
     finally:
         release_run_lock(run_dir)
     return summary.get(summary["primary_metric"])
@@ -269,6 +339,7 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = quote_paths(sys.argv[1:])  # Hydra's own entry point reads sys.argv too
     try:
         precheck(sys.argv[1:])
         run()
@@ -276,6 +347,20 @@ def main() -> None:
         print("peftrun: interrupted (Ctrl-C); run the same command again to resume from the newest "
               "checkpoint, if any", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+    check_sweep()
+
+
+def check_sweep() -> None:
+    """After a sweep: exit 1 when a job failed (each said why; the sweep's summary lists them)."""
+    from .train import sweep
+
+    done = sweep.last_sweep
+    failed = done["failed"] if done else len(_failed_jobs)
+    if failed:
+        where = f" of {done['jobs']} sweep jobs failed or did not finish; see {done['files'][0]}" if done else \
+            " sweep jobs failed"
+        print(f"peftrun: error: {failed}{where}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

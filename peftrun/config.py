@@ -88,7 +88,7 @@ class JsonlTaskConfig(TaskConfig):
     dev_file: Optional[str] = None
     test_file: Optional[str] = None
     # {field} placeholders over each record's fields, e.g. "Question: {question}\nAnswer:"
-    # (field names only; {{ and }} are literal braces).
+    # (field names only; {{ and }} are literal braces; a typed \n is a newline, \t a tab).
     prompt_template: str = "{prompt}"
     target_template: str = "{target}"
     metric: str = "exact_match"  # exact_match | contains
@@ -207,13 +207,30 @@ class TrainerConfig:
     load_best_at_end: bool = True
     save_every: int = 0  # checkpoint every N steps; 0: only at the end
     save_total_limit: int = 2
+    # Start from a saved adapter (a run, checkpoint or adapter folder of the same method and
+    # shapes): its tensors are loaded once the adapter is attached, before the first step.
+    init_from: Optional[str] = None
+    # Resume from this checkpoint folder (.../checkpoints/step-N, verified by its manifest, of a
+    # run with the same config) instead of the run folder's newest; newer ones there are set aside.
+    resume_from: Optional[str] = None
+    # metrics.jsonl, the trackers and the console's plain progress lines (no terminal) every N steps.
     log_every: int = 10
-    progress: bool = True
+    progress: bool = True  # the progress display: a bar on a terminal, a line every log_every steps elsewhere
+    # Experiment trackers through Accelerate (main process): a list of tensorboard, wandb, mlflow,
+    # ... (one name alone also works); each needs its package (`pip install peftrun[tensorboard]`).
+    # docs/monitoring.md. Read it through `tracker_names`.
+    report_to: Any = field(default_factory=list)
     # Expected number of processes; the run refuses to start under another world size.
     num_processes: Optional[int] = None
     # ddp: every process holds the whole backbone. fsdp: the frozen backbone and the adapter are
     # sharded over the processes (FSDP2 through Accelerate's plugin), one unit per decoder layer.
     strategy: str = "ddp"
+
+
+def tracker_names(trainer: Any) -> list[str]:
+    """trainer.report_to as a list of names (`trainer.report_to=wandb` is `[wandb]`)."""
+    value = getattr(trainer, "report_to", None) or []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 @dataclass

@@ -8,6 +8,7 @@ submitit's) variables, so they are translated here before Accelerate starts.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def export_scheduler_env() -> None:
@@ -52,11 +53,13 @@ def check_sharding(cfg) -> None:
                           "use trainer.strategy=ddp with model.quantization, or an unquantized backbone")
 
 
-def make_accelerator(trainer):
+def make_accelerator(trainer, run_dir=None):
     """The run's Accelerator. trainer.strategy=fsdp turns on Accelerate's FSDP2 plugin (one
-    fully_shard unit per decoder layer, plus the root)."""
+    fully_shard unit per decoder layer, plus the root). trainer.report_to: Accelerate's
+    trackers, their files under `run_dir` (TensorBoard's in <run_dir>/tensorboard)."""
     import torch
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import ProjectConfiguration
     from accelerate.utils import DistributedType
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[trainer.precision]
@@ -68,7 +71,14 @@ def make_accelerator(trainer):
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
             state_dict_type="FULL_STATE_DICT",
         )
-    acc = Accelerator(mixed_precision=mixed, cpu=cpu_processes, fsdp_plugin=plugin)
+    from .config import tracker_names
+
+    trackers = tracker_names(trainer)
+    project = None
+    if run_dir is not None:
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
+    acc = Accelerator(mixed_precision=mixed, cpu=cpu_processes, fsdp_plugin=plugin,
+                      log_with=trackers or None, project_config=project)
     if plugin is not None and cpu_processes and acc.distributed_type == DistributedType.MULTI_CPU:
         # Accelerate enables its FSDP plugin for accelerator back-ends only; torch's FSDP2 runs on
         # CPU processes (gloo) too, so CPU runs take the same sharded path as GPU runs.

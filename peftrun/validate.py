@@ -19,11 +19,13 @@ import difflib
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from .config import tracker_names
 from .distributed import check_sharding
 from .errors import ConfigError
 from .methods import build_method
@@ -137,6 +139,33 @@ def check_trainer(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.precision", "fp16 needs a GPU; use bf16 or fp32 on a CPU")
+    check_trackers(t.report_to)
+
+
+# trainer.report_to: Accelerate's trackers, each with the modules that provide it (any one) and
+# the pip extra of ours that installs it where there is one.
+TRACKERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "peftrun[tensorboard]"),
+    "wandb": (("wandb",), "peftrun[wandb]"),
+    "mlflow": (("mlflow",), "peftrun[mlflow]"),
+    "comet_ml": (("comet_ml",), "comet_ml"), "aim": (("aim",), "aim"), "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"), "swanlab": (("swanlab",), "swanlab"), "trackio": (("trackio",), "trackio"),
+}
+
+
+def check_trackers(report_to: Any) -> None:
+    """Every tracker of trainer.report_to is one Accelerate knows, and its package is installed."""
+    import importlib.util
+
+    if not isinstance(report_to, (str, list, ListConfig)) and report_to is not None:
+        raise ConfigError("trainer.report_to", f"give a list of trackers, e.g. [tensorboard], got {report_to!r}")
+    for name in tracker_names(SimpleNamespace(report_to=report_to)):
+        if name not in TRACKERS:
+            raise ConfigError("trainer.report_to", f"unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+        modules, extra = TRACKERS[name]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ConfigError("trainer.report_to", f"{name} is not installed; pip install '{extra}' "
+                                                   f"(or drop it from trainer.report_to)")
 
 
 def check_positions(cfg: DictConfig, model) -> None:
@@ -191,6 +220,67 @@ def check_run(cfg: DictConfig, task: Task, method: Method) -> None:
     method.check_run(run_length(cfg.trainer, steps_per_epoch)[0], steps_per_epoch)
 
 
+# ----------------------------------------------------------------------------- where a run starts
+def check_init_from(cfg: DictConfig, model) -> None:
+    """trainer.init_from names a saved adapter of the run's method whose tensors have the names
+    and shapes of the adapter this run attaches (compared on the meta-device `model`, which this
+    changes)."""
+    from safetensors import safe_open
+
+    from .methods import ADAPTER_WEIGHTS
+    from .multitenant import locate_adapter
+
+    path = cfg.trainer.init_from
+    if not path:
+        return
+    key = "trainer.init_from"
+    try:
+        saved = locate_adapter("init", path)
+    except ConfigError as e:
+        raise ConfigError(key, e.message) from None
+    if saved.method != cfg.method.name:
+        raise ConfigError(key, f"{saved.folder} holds a {saved.method} adapter and this run trains "
+                               f"{cfg.method.name}; start from a {cfg.method.name} adapter, or set method={saved.method}")
+    try:
+        with safe_open(str(saved.folder / ADAPTER_WEIGHTS), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # noqa: BLE001  (missing, truncated, not safetensors)
+        raise ConfigError(key, f"{saved.folder / ADAPTER_WEIGHTS} does not read ({type(e).__name__}); give a "
+                               f"folder that holds a complete saved adapter") from None
+    try:
+        expected = {name: tuple(t.shape) for name, t in build_method(cfg.method).attach(model).state_dict().items()}
+    except Exception:  # noqa: BLE001  (a method that cannot attach on the meta device: the run checks)
+        return
+    options = "the method's options (method.r, method.targets, ...) and the backbone"
+    for name in sorted(set(expected) | set(shapes)):
+        if name not in shapes:
+            raise ConfigError(key, f"{saved.folder} does not fit this run's adapter: it has no tensor {name}; "
+                                   f"{options} must be those it was trained with")
+        if name not in expected:
+            raise ConfigError(key, f"{saved.folder} does not fit this run's adapter: its tensor {name} has no "
+                                   f"place here; {options} must be those it was trained with")
+        if shapes[name] != expected[name]:
+            raise ConfigError(key, f"{saved.folder} does not fit this run's adapter: {name} is "
+                                   f"{list(shapes[name])} there and {list(expected[name])} here; {options} must "
+                                   f"be those it was trained with")
+
+
+def check_resume_from(cfg: DictConfig) -> None:
+    """trainer.resume_from, where it exists, is a complete checkpoint of a run with this config
+    (one that is gone is left to the run folder's check: the run may have saved newer ones since
+    it resumed from it)."""
+    from pathlib import Path
+
+    from .train.checkpoint import check_chosen
+
+    path = cfg.trainer.resume_from
+    if not path:
+        return
+    folder = Path(path).expanduser().absolute()
+    if folder.exists():
+        check_chosen(folder, cfg)
+
+
 def validate(cfg: DictConfig, *, keep: bool = False) -> Prepared:
     """Every check that needs no weights; returns what it built. `keep`: also remember the result
     for `validated(cfg)` later in this process."""
@@ -209,6 +299,8 @@ def validate(cfg: DictConfig, *, keep: bool = False) -> Prepared:
     method.check_model(model)
     check_positions(cfg, model)
     check_run(cfg, task, method)
+    check_init_from(cfg, model)
+    check_resume_from(cfg)
     prepared = Prepared(cfg, task, tokenizer, method)
     if keep:
         _kept[_key(cfg)] = prepared

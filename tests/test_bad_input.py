@@ -24,8 +24,9 @@ from peftrun.errors import ConfigError
 BAD_INPUT = [
     # ---------------------------------------------------------------- keys the schema does not know
     ("unknown-key", ["method.nope=1"], "method.nope"),
-    ("unknown-trainer-key", ["trainer.report_to=wandb"], "trainer.report_to"),
-    ("plus-unknown-trainer-key", ["+trainer.report_to=wandb"], "trainer.report_to"),
+    ("unknown-trainer-key", ["trainer.log_to=wandb"], "trainer.log_to"),
+    ("plus-unknown-trainer-key", ["+trainer.log_to=wandb"], "trainer.log_to"),
+    ("unknown-tracker", ["trainer.report_to=[tensorboard,nope]"], "trainer.report_to"),
     ("plus-unknown-method-key", ["+method.rank=64"], "method.rank"),
     ("plusplus-unknown-method-key", ["++method.rank=64"], "method.rank"),
     ("plusplus-unknown-task-key", ["++task.nope=1"], "task.nope"),

@@ -34,6 +34,10 @@ def test_local_submitit_sweep_runs_one_job_per_point(tmp_path):
     for job in jobs:
         assert (job / "adapter" / "adapter_model.safetensors").exists()
         assert "test_exact_match" in json.loads((job / "summary.json").read_text())
+    # The sweep's table, written in the submitting process from the job folders on disk.
+    table = (tmp_path / "sweep_summary.csv").read_text().splitlines()
+    assert table[0].startswith("job,trainer.lr,status,") and len(table) == 3
+    assert all(",ok," in line for line in table[1:]), table
 
 
 @pytest.mark.slow

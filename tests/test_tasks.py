@@ -124,7 +124,7 @@ def test_toy_score():
     exs = [render("max", [1, 2]), render("max", [3, 4]), render("min", [5, 6])]
     out = task.score([" 2", "3", "5"], exs)
     assert out["exact_match"] == pytest.approx(200 / 3)
-    assert out["exact_match_max"] == 50.0 and out["exact_match_min"] == 100.0
+    assert out["exact_match[op=max]"] == 50.0 and out["exact_match[op=min]"] == 100.0
     assert task.primary_metric == "exact_match"
 
 

@@ -158,6 +158,82 @@ def chat_prompt(task_cfg: Mapping, tokenizer, text: str) -> str:
         raise ConfigError("task.chat_template", f"a prompt {e}") from None
 
 
+def messages_field(task_cfg: Mapping, record: Mapping) -> str | None:
+    """The field of `record` that holds its conversation, as the run read its data
+    (task.messages_field, else "messages" or "conversations"); None where it has none."""
+    wanted = task_cfg.get("messages_field")
+    field = wanted or next((f for f in MESSAGES_FIELDS if f in record), None)
+    return field if field in record else None
+
+
+def request_messages(task_cfg: Mapping, record: Mapping) -> list[dict[str, str]]:
+    """A request to a chat run given as a conversation (a line {"messages": [...]} of
+    `peftrun-generate`'s prompts file), read as the run read its data (its field names and
+    roles). BadRecord (it says why and how to fix it) for anything else, or for a conversation
+    that ends with an assistant message (there is nothing to answer)."""
+    field = messages_field(task_cfg, record)
+    if field is None:
+        name = task_cfg.get("messages_field") or "messages"
+        raise BadRecord(f'has neither "prompt" nor "{name}"; write {{"prompt": "..."}} or '
+                        f'{{"{name}": [{{"role": "user", "content": "..."}}]}}')
+    roles = dict(ROLE_NAMES)
+    for name, role in dict(task_cfg.get("roles") or {}).items():
+        if role in ROLES:
+            roles[str(name)] = role
+    messages = read_messages(record[field], field, task_cfg.get("role_field"), task_cfg.get("content_field"), roles)
+    if messages[-1]["role"] == "assistant":
+        raise BadRecord("ends with an assistant message, so there is nothing to answer; end the "
+                        "conversation with the message to answer (a user turn)")
+    return messages
+
+
+def chat_request(task_cfg: Mapping, tokenizer, record: Mapping) -> str:
+    """`request_messages(task_cfg, record)` rendered up to the assistant's reply with the run's
+    template, as the run's test prompts were."""
+    messages = request_messages(task_cfg, record)
+    template = resolve_template(task_cfg.get("chat_template"), tokenizer)
+    try:
+        return render(tokenizer, template, messages, True)
+    except BadRecord as e:
+        raise BadRecord(str(e).replace("fix the record or give", "fix the request or give")) from None
+
+
+def read_messages(messages: Any, field: str, role_field: str | None, content_field: str | None,
+                  roles: Mapping[str, str]) -> list[dict[str, str]]:
+    """A record's list of messages as {"role", "content"}, its roles mapped through `roles`;
+    BadRecord for anything that is not a non-empty list of messages with a role and a text."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BadRecord(f'has "{field}" {"empty" if isinstance(messages, (list, tuple)) else _kind(messages)}, '
+                        f'not a list of messages; write a non-empty list of {{"role", "content"}} objects')
+    out = []
+    for n, message in enumerate(messages, start=1):
+        if not isinstance(message, Mapping):
+            raise BadRecord(f"has message {n} as {_kind(message)}, not an object with a role and "
+                            f"a content")
+        role_key = role_field or next((f for f in ROLE_FIELDS if f in message), None)
+        content_key = content_field or next((f for f in CONTENT_FIELDS if f in message), None)
+        if role_key not in message:
+            wanted = f'"{role_field}"' if role_field else '"role" (or "from")'
+            raise BadRecord(f"has message {n} without a {wanted} field (fields there: "
+                            f"{', '.join(map(str, message)) or 'none'}); name it with task.role_field")
+        role = message[role_key]
+        mapped = roles.get(role) if isinstance(role, str) else None
+        if mapped is None:
+            example = role if isinstance(role, str) and role.isidentifier() else "NAME"
+            raise BadRecord(f"has message {n} with role {role!r}, not system, user or assistant "
+                            f"(nor human, gpt, model); map it, e.g. 'task.roles={{{example}: user}}'")
+        if content_key not in message:
+            wanted = f'"{content_field}"' if content_field else '"content" (or "value")'
+            raise BadRecord(f"has message {n} without a {wanted} field (fields there: "
+                            f"{', '.join(map(str, message)) or 'none'}); name it with task.content_field")
+        content = message[content_key]
+        if not isinstance(content, str):
+            raise BadRecord(f'has message {n} whose "{content_key}" is {_kind(content)}, not a '
+                            f"string; write the message's text as a string")
+        out.append({"role": mapped, "content": content})
+    return out
+
+
 # --------------------------------------------------------------------------------- reading
 def read_file(path: Path, key: str) -> list[tuple[str, str, Any]]:
     """(where, id, record) for every record of a chat data file, in order."""
@@ -264,36 +340,7 @@ class ChatTask:
             raise BadRecord(f"has no {wanted} field (fields there: {fields}); write "
                             f'{{"messages": [{{"role": "user", "content": "..."}}, ...]}} or name '
                             f"the field with task.messages_field")
-        messages = record[field]
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise BadRecord(f'has "{field}" {"empty" if isinstance(messages, (list, tuple)) else _kind(messages)}, '
-                            f'not a list of messages; write a non-empty list of {{"role", "content"}} objects')
-        out = []
-        for n, message in enumerate(messages, start=1):
-            if not isinstance(message, Mapping):
-                raise BadRecord(f"has message {n} as {_kind(message)}, not an object with a role and "
-                                f"a content")
-            role_key = cfg.role_field or next((f for f in ROLE_FIELDS if f in message), None)
-            content_key = cfg.content_field or next((f for f in CONTENT_FIELDS if f in message), None)
-            if role_key not in message:
-                wanted = f'"{cfg.role_field}"' if cfg.role_field else '"role" (or "from")'
-                raise BadRecord(f"has message {n} without a {wanted} field (fields there: "
-                                f"{', '.join(map(str, message)) or 'none'}); name it with task.role_field")
-            role = message[role_key]
-            mapped = self.roles.get(role) if isinstance(role, str) else None
-            if mapped is None:
-                example = role if isinstance(role, str) and role.isidentifier() else "NAME"
-                raise BadRecord(f"has message {n} with role {role!r}, not system, user or assistant "
-                                f"(nor human, gpt, model); map it, e.g. 'task.roles={{{example}: user}}'")
-            if content_key not in message:
-                wanted = f'"{cfg.content_field}"' if cfg.content_field else '"content" (or "value")'
-                raise BadRecord(f"has message {n} without a {wanted} field (fields there: "
-                                f"{', '.join(map(str, message)) or 'none'}); name it with task.content_field")
-            content = message[content_key]
-            if not isinstance(content, str):
-                raise BadRecord(f'has message {n} whose "{content_key}" is {_kind(content)}, not a '
-                                f"string; write the message's text as a string")
-            out.append({"role": mapped, "content": content})
+        out = read_messages(record[field], field, cfg.role_field, cfg.content_field, self.roles)
         if not any(m["role"] == "assistant" for m in out):
             raise BadRecord("has no assistant message to train on; give each conversation at least "
                             "one assistant reply")

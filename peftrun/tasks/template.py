@@ -1,14 +1,19 @@
-"""Prompt and target templates: literal text with `{field}` placeholders, filled from a record.
+r"""Prompt and target templates: literal text with `{field}` placeholders, filled from a record.
 
 Only plain field names are allowed. `str.format` would also follow attribute and index look-ups
 (`{prompt.__class__}`, `{record[0]}`) and call a value's own `__format__` with a format spec, so a
 template could reach into the objects it is given; here a placeholder is looked up by name and
 the value's text put in its place, nothing else. Anything but a field name is refused when the
 task is built (validation), in one line naming the key.
+
+A value typed on the command line cannot hold a real newline (Hydra keeps `\n` as a backslash
+and an `n`), so in a template `\n` is a newline, `\t` a tab and `\\` one backslash (`unescape`);
+any other backslash stays as it is.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any, Mapping
 
@@ -16,6 +21,14 @@ from peftrun.errors import ConfigError
 
 TEMPLATE_KEYS = ("prompt_template", "target_template")
 _PARSER = string.Formatter()
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([nt\\])")
+
+
+def unescape(template: str) -> str:
+    r"""`template` with `\n`, `\t` and `\\` (as Hydra leaves them: two characters each) turned
+    into a newline, a tab and one backslash; other backslashes stay."""
+    return _ESCAPE.sub(lambda m: _ESCAPES[m.group(1)], template)
 
 
 def template_fields(template: str, key: str) -> list[str]:
@@ -23,7 +36,7 @@ def template_fields(template: str, key: str) -> list[str]:
     positional field (`{}`, `{0}`), a look-up (`{a.b}`, `{a[0]}`), a conversion (`{a!r}`), a
     format spec (`{a:>5}`) or unbalanced braces."""
     try:
-        parsed = list(_PARSER.parse(template))
+        parsed = list(_PARSER.parse(unescape(template)))
     except ValueError as e:
         raise ConfigError(key, f"{template!r} is not a valid format string ({e}); escape literal "
                                f"braces as {{{{ and }}}}") from None
@@ -50,7 +63,7 @@ def render_template(template: str, fields: Mapping[str, Any]) -> str:
     """`template` with each `{name}` replaced by the text of `fields[name]` (a missing field is a
     KeyError naming it). Check the template with `template_fields` first."""
     out = []
-    for literal, name, _, _ in _PARSER.parse(template):
+    for literal, name, _, _ in _PARSER.parse(unescape(template)):
         out.append(literal)
         if name is not None:
             out.append(str(fields[name]))

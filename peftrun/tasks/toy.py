@@ -84,8 +84,8 @@ class ToyTask(BuiltOnce):
         if len(self.ops) > 1:  # per-op breakdown: which operation the model has not learned yet
             for op in self.ops:
                 idx = [i for i, ex in enumerate(examples) if ex.prompt.startswith(op + " ")]
-                if idx:
-                    out[f"exact_match_{op}"] = mean_score(
+                if idx:  # `exact_match[op=max]`: the metric over one group, never read as an operation
+                    out[f"exact_match[op={op}]"] = mean_score(
                         exact_match, [predictions[i] for i in idx], [refs[i] for i in idx]
                     )
         return out

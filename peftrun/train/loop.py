@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from safetensors.torch import load_file
 
@@ -32,11 +33,14 @@ from ..token_cache import tokenize_cached
 from ..validate import Prepared, check_batch, run_length
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, fire
 from .checkpoint import (
-    check_finite_tensors, check_resumable, divergence_error, latest_checkpoint, load_checkpoint, remove_partial,
+    adopt_resume_point, check_finite_tensors, check_resumable, divergence_error, latest_checkpoint, load_checkpoint,
+    remove_partial,
 )
+from .curves import write_curves
 from .preemption import PreemptionFlag, catch_preemption
 from .runlock import acquire_run_lock, release_run_lock
 from .state import Run, TrainState
+from .tracking import Trackers
 
 
 def train(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any] = (),
@@ -62,7 +66,11 @@ class Trainer:
         self.locked = False
 
     def close(self) -> None:
-        """Release the run folder (its lock), once the run ended or failed."""
+        """Close the experiment trackers and release the run folder (its lock), once the run
+        ended or failed."""
+        trackers = getattr(self, "trackers", None)
+        if trackers is not None:
+            trackers.finish()
         if self.locked:
             release_run_lock(self.run_dir)
             self.locked = False
@@ -82,8 +90,9 @@ class Trainer:
         run folder (locked by the main process: one run per folder), and the checkpoint to
         resume from, if any."""
         t = self.t
-        self.acc = make_accelerator(t)
-        self.console = Console(quiet=not self.acc.is_main_process, highlight=False)
+        self.acc = make_accelerator(t, self.run_dir)  # with the trackers of trainer.report_to
+        # Lines are not wrapped at 80 columns in a log file (tables still fit the width).
+        self.console = Console(quiet=not self.acc.is_main_process, highlight=False, soft_wrap=True)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if t.num_processes is not None and t.num_processes != self.world:
             raise ConfigError(
@@ -98,6 +107,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.acc.is_main_process:
             remove_partial(self.run_dir)
+            adopt_resume_point(self.run_dir, self.cfg, self.resume_from)  # trainer.resume_from, the first time
+        # Names the run in its log (a sweep's summary finds a killed job's reason by it).
+        self.console.print(f"run folder {self.run_dir.absolute()}", markup=False, soft_wrap=True)
 
     def setup_data(self) -> None:
         """Tokenized splits, the order of training examples, and the run's length (which the
@@ -129,6 +141,26 @@ class Trainer:
         self.model = build_model(self.cfg.model, self.tokenizer, device=self.acc.device)
         set_seed(self.t.seed)  # after the backbone, which seeds its own init: the adapter's init is ours
         self.adapter = self.method.attach(self.model)
+        if self.t.init_from:
+            self.init_adapter(self.t.init_from)
+
+    def init_adapter(self, path: str) -> None:
+        """trainer.init_from: a saved adapter's tensors (run, checkpoint or adapter folder) into the
+        adapter just attached, before the optimizer sees it (a checkpoint to resume from, loaded
+        later, replaces them). Its method state (ALoRA's rounds) starts afresh."""
+        from ..multitenant import locate_adapter
+
+        try:
+            folder = locate_adapter("init", path).folder
+        except ConfigError as e:
+            raise ConfigError("trainer.init_from", e.message) from None
+        try:
+            self.adapter.load_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)))
+        except Exception as e:  # noqa: BLE001  (names or shapes that do not fit, an unreadable file)
+            raise ConfigError("trainer.init_from", f"{folder} does not fit this run's adapter "
+                                                   f"({' '.join(str(e).split())[:200]}); start from an adapter "
+                                                   f"of the same method and options") from None
+        self.console.print(f"init adapter from {folder}", markup=False)
 
     def setup_optimizer(self) -> None:
         """AdamW over the adapter's parameter groups, the learning-rate schedule, and the
@@ -151,10 +183,14 @@ class Trainer:
         t, acc = self.t, self.acc
         self.state = TrainState(total_steps=self.total_steps, steps_per_epoch=self.order.steps_per_epoch)
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", t.log_every, enabled=acc.is_main_process)
+        # The console (quiet on other processes): a bar or plain lines, and a line per evaluation.
+        self.progress = Progress(t.progress and acc.is_main_process, self.console, t.log_every)
+        self.trackers = Trackers(acc, self.cfg, self.run_dir, t.log_every)
         self.callbacks = [
-            Progress(t.progress and acc.is_main_process),
             EarlyStopping(t.early_stopping_patience),
             self.metrics_log,
+            self.progress,  # after EarlyStopping: an evaluation's line tells whether it is the best
+            self.trackers,
             *self.adapter.callbacks(),
             Checkpointer(t.save_every, t.save_total_limit),  # after all that changes a step's state
             *extra_callbacks,
@@ -255,6 +291,7 @@ class Trainer:
         self.adapter.set_prompt_mask(None)
 
         state.step += 1
+        state.grad_norm = float(grad_norm)  # already computed: the reduction above synchronized
         if nonfinite > 0:
             self.nonfinite_step(loss_sum, float(grad_norm))
         else:
@@ -293,6 +330,7 @@ class Trainer:
         state.dev_loss = self.dev_loss()
         if self.t.generate_every > 0 and state.step % self.t.generate_every == 0:
             state.metrics, _ = self.generation_metrics("dev")
+            state.metrics_step = state.step
         fire(self.callbacks, "on_evaluate", state)
 
     def dev_loss(self) -> float:
@@ -321,12 +359,18 @@ class Trainer:
         t, rank, world = self.t, self.rank, self.world
         exs = self.examples[split]
         prompts, real = padded_shard([e.prompt for e in exs], rank, world)
-        mine = generate(
-            self.base_model, self.tokenizer, self.adapter, prompts,
-            batch_size=t.eval_batch_size, max_new_tokens=self.cfg.task.max_new_tokens,
-            num_beams=t.num_beams, max_prompt_length=self.cfg.task.max_length,
-            synced=self.sharded and world > 1,
-        )[:real]
+        mine, size = [], t.eval_batch_size
+        # One batch at a time (the batches generate() makes itself), for the progress display.
+        with self.progress.generation(split, len(prompts)) as advance:
+            for i in range(0, len(prompts), size):
+                mine += generate(
+                    self.base_model, self.tokenizer, self.adapter, prompts[i : i + size],
+                    batch_size=size, max_new_tokens=self.cfg.task.max_new_tokens,
+                    num_beams=t.num_beams, max_prompt_length=self.cfg.task.max_length,
+                    synced=self.sharded and world > 1,
+                )
+                advance(len(prompts[i : i + size]))
+        mine = mine[:real]
         # Process r generated examples r, r + world, ...: gather and put them back in order.
         numbered = [(rank + world * i, p) for i, p in enumerate(mine)]
         predictions = [p for _, p in sorted(gather_object(numbered) if world > 1 else numbered)]
@@ -387,7 +431,16 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.metrics_log.write({"event": "test", "step": state.step, **state.metrics})
             self.console.print(summary_table(summary))
+            self.plot_curves()
         return summary
+
+    def plot_curves(self) -> None:
+        """curves.png in the run folder, from metrics.jsonl (a failure to draw only warns)."""
+        try:
+            write_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png",
+                         self.task.primary_metric, f"{self.adapter.method} - {self.run_dir.name}")
+        except Exception as e:  # noqa: BLE001  (the run itself is done and saved)
+            self.console.print(f"curves not drawn: {type(e).__name__}: {e}", markup=False)
 
 
 # ====================================================================== helpers
@@ -438,12 +491,19 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("steps", str(summary["steps"])),
         ("train loss", f"{summary['train_loss']:.4f}"),
         ("dev loss", f"{summary['dev_loss']:.4f}"),
-        *[(k.removeprefix("test_").replace("_", " ") + " (test)", f"{v:.2f}")
+        *[(metric_label(k.removeprefix("test_")) + " (test)", f"{v:.2f}")
           for k, v in summary.items() if k.startswith("test_") and isinstance(v, float)],
         ("tokens/s (train)", f"{summary['tokens_per_second']:,.0f}"),
         (memory, f"{summary['peak_memory_mb']:,.0f} MiB"),
         ("adapter", summary["adapter_dir"]),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(escape(key), escape(value))  # `[op=max]` is text, not rich markup
     return table
+
+
+def metric_label(name: str) -> str:
+    """`exact match` for `exact_match`; a per-group metric keeps its group as written:
+    `exact match [op=max]` for `exact_match[op=max]` (the `max` operation, not a maximum)."""
+    base, bracket, group = name.partition("[")
+    return base.replace("_", " ") + (f" [{group}" if bracket else "")

@@ -42,11 +42,13 @@ class TrainState:
     steps_per_epoch: int
     step: int = 0
     train_loss: float = math.nan  # token-mean loss of the last optimizer step
+    grad_norm: float = math.nan  # the adapter's gradient norm at the last step, before clipping
     dev_loss: float = math.nan  # of the last evaluation
     best_dev_loss: float = math.inf
     best_step: int = -1
     bad_evals: int = 0  # evaluations since the best one
     metrics: dict[str, float] = field(default_factory=dict)  # last generation metrics
+    metrics_step: int = -1  # the step whose dev generation measured `metrics` (-1: none yet)
     tokens_seen: int = 0
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     train_seconds: float = 0.0
