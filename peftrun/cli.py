@@ -264,7 +264,7 @@ def run(cfg: DictConfig) -> Any:
 def run_job(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
 
-    from .train.checkpoint import check_resumable
+    from .train.resume_point import check_resumable
     from .train.loop import train
     from .train.runlock import acquire_run_lock, release_run_lock
     from .validate import validated

@@ -155,7 +155,7 @@ def serve(args: argparse.Namespace) -> list[dict[str, Any]]:
 def check_conversations(requests: list[Request], adapters: dict[str, str]) -> None:
     """A request given as a conversation must go to a chat run (the run whose task config the
     requests are rendered with: the first that has one) and read as a conversation there."""
-    from .tasks.chat import BadRecord, messages_field, request_messages
+    from .tasks.chat_format import BadRecord, messages_field, request_messages
 
     chats = [r for r in requests if r.record is not None]
     if not chats or not adapters:  # no adapter: load_tenants says there is no backbone to build
@@ -180,7 +180,7 @@ def render_request(request: Request, task: dict, tokenizer) -> str:
     or the request's conversation; other runs read the prompt as it is."""
     if task.get("name") != "chat":
         return request.prompt
-    from .tasks.chat import BadRecord, chat_prompt, chat_request
+    from .tasks.chat_format import BadRecord, chat_prompt, chat_request
 
     if request.record is None:
         return chat_prompt(task, tokenizer, request.prompt)
@@ -194,7 +194,7 @@ def request_fields(request: Request, task: dict) -> dict[str, Any]:
     """The output line's copy of the request: its prompt, or its conversation."""
     if request.record is None:
         return {"prompt": request.prompt}
-    from .tasks.chat import messages_field
+    from .tasks.chat_format import messages_field
 
     name = messages_field(task, request.record)
     return {name: request.record[name]}

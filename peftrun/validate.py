@@ -30,7 +30,8 @@ from .distributed import check_sharding
 from .errors import ConfigError
 from .methods import build_method
 from .methods.base import Method
-from .models import load_tokenizer, meta_model, validate_model_config
+from .model_checks import validate_model_config
+from .models import load_tokenizer, meta_model
 from .tasks import Task, bind_tokenizer, build_task
 
 
@@ -271,7 +272,7 @@ def check_resume_from(cfg: DictConfig) -> None:
     it resumed from it)."""
     from pathlib import Path
 
-    from .train.checkpoint import check_chosen
+    from .train.resume_point import check_chosen
 
     path = cfg.trainer.resume_from
     if not path:

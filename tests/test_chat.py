@@ -14,7 +14,8 @@ from peftrun.data import IGNORE_INDEX, encode_prompts, tokenize_examples
 from peftrun.errors import ConfigError
 from peftrun.models import offline_tokenizer
 from peftrun.tasks import bind_tokenizer, build_task
-from peftrun.tasks.chat import DEFAULT_TEMPLATE, ChatTask
+from peftrun.tasks.chat import ChatTask
+from peftrun.tasks.chat_format import DEFAULT_TEMPLATE
 
 # SmolLM2-Instruct's template (ChatML with a default system message): carried here, nothing downloads.
 SMOLLM2 = (
@@ -116,7 +117,7 @@ def test_a_template_that_writes_bos_gets_no_second_one(tmp_path, tok):
 
 
 def test_generate_prompts_and_the_token_cache(tmp_path, tok, monkeypatch):
-    from peftrun.tasks.chat import chat_prompt
+    from peftrun.tasks.chat_format import chat_prompt
     from peftrun.token_cache import tokenize_cached
 
     assert chat_prompt({"chat_template": None}, tok, "hi") == "<|im_start|>user\nhi</s>\n<|im_start|>assistant\n"

@@ -137,7 +137,7 @@ def chat_run(tmp_path: Path) -> Path:
 def test_generate_speaks_chat_as_training_renders_it(tmp_path, capsys):
     from peftrun.serve import main
     from peftrun.tasks import ChatTask, bind_tokenizer
-    from peftrun.tasks.chat import render, resolve_template
+    from peftrun.tasks.chat_format import render, resolve_template
 
     run = chat_run(tmp_path)
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
@@ -321,7 +321,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_from_a_chosen_checkpoint(tmp_path):
-    from peftrun.train.checkpoint import check_resumable
+    from peftrun.train.resume_point import check_resumable
     from peftrun.train.loop import train
     from peftrun.validate import validate
 

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, compose_config, run_cli
 from peftrun.errors import ConfigError, RunError
 from peftrun.train import loop as loop_module
-from peftrun.train.checkpoint import check_resumable, checkpoint_dirs, write_manifest
+from peftrun.train.checkpoint import checkpoint_dirs, write_manifest
+from peftrun.train.resume_point import check_resumable
 from peftrun.train.loop import train
 from peftrun.train.runlock import LOCK_FILE, acquire_run_lock, holds_run_lock, release_run_lock
 

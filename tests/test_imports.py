@@ -18,7 +18,7 @@ LAYERS = [
     ("entry points", ("peftrun.cli", "peftrun.__main__", "peftrun.serve", "peftrun.evaluate", "peftrun.preview")),
     ("run", ("peftrun.validate", "peftrun.train")),
     ("serving", ("peftrun.multitenant", "peftrun.export", "peftrun.generate")),
-    ("parts", ("peftrun.methods", "peftrun.tasks", "peftrun.data", "peftrun.models", "peftrun.token_cache",
+    ("parts", ("peftrun.methods", "peftrun.tasks", "peftrun.data", "peftrun.models", "peftrun.model_checks", "peftrun.token_cache",
                "peftrun.distributed", "peftrun.loss")),
     ("foundations", ("peftrun.config", "peftrun.errors", "peftrun")),
 ]

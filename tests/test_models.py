@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftrun.config import ModelConfig
 from peftrun.errors import ConfigError
+from peftrun.model_checks import validate_model_config
 from peftrun.models import (
     build_model,
     load_tokenizer,
@@ -19,7 +20,6 @@ from peftrun.models import (
     model_config,
     offline_tokenizer,
     output_head_names,
-    validate_model_config,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "peftrun" / "conf"
@@ -203,15 +203,16 @@ def test_validate_refuses_bad_values(name, overrides, key):
 
 def test_validate_accepts_shipped_configs(tmp_path):
     for path in sorted((CONF / "model").glob("*.yaml")):
-        # tiny_pretrained's folder is made by scripts/pretrain_tiny.py, absent from a fresh clone.
-        local = {"name_or_path": str(tmp_path)} if path.stem == "tiny_pretrained" else {}
+        # Folders made here (tiny_pretrained: scripts/pretrain_tiny.py; smollm2_135m: make smollm2) are
+        # absent from a fresh clone.
+        local = {"name_or_path": str(tmp_path)} if path.stem in ("tiny_pretrained", "smollm2_135m") else {}
         validate_model_config(model_cfg(path.stem, **local))
 
 
 def test_quantization_without_bitsandbytes(monkeypatch):
-    import peftrun.models as models
+    import peftrun.model_checks as model_checks
 
-    monkeypatch.setattr(models, "_bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(model_checks, "_bitsandbytes_available", lambda: False)
     with pytest.raises(ConfigError) as err:
         validate_model_config(model_cfg("tiny", quantization="nf4"))
     assert err.value.key == "model.quantization" and "pip install bitsandbytes" in err.value.message

@@ -208,7 +208,7 @@ def test_on_a_terminal_the_bar_and_the_evaluation_lines():
 
 
 def test_the_summary_table_spells_the_group_of_a_metric():
-    from peftrun.train.loop import metric_label, summary_table
+    from peftrun.train.summary import metric_label, summary_table
 
     assert metric_label("exact_match[op=max]") == "exact match [op=max]"
     out = io.StringIO()

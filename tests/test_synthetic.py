@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, compose_config, run_cli
 from peftrun.errors import ConfigError
-from peftrun.models import validate_model_config
+from peftrun.model_checks import validate_model_config
 from peftrun.tasks import build_task
 from peftrun.tasks.synthetic_world import NEGATIVE, PEOPLE, PLACES, POSITIVE
 

@@ -1,13 +1,14 @@
 """The training loop, top to bottom: set-up (processes, data, model and adapter, optimizer and
 schedule, callbacks, resume), then the steps (micro-batches, token-normalized accumulation, one
 optimizer step), evaluation, saving and the closing summary. A method is known only through its
-base class (peftrun/methods/base.py)."""
+base class (peftrun/methods/base.py). (Over 400 lines on purpose: one class a reader follows top to
+bottom, as torchtune's recipes are; the data order, the schedule and the summary table live
+beside it in schedule.py and summary.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -18,8 +19,6 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 from safetensors.torch import load_file
 
 from ..data import collate_train
@@ -32,14 +31,14 @@ from ..models import build_model
 from ..token_cache import tokenize_cached
 from ..validate import Prepared, check_batch, run_length
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, fire
-from .checkpoint import (
-    adopt_resume_point, check_finite_tensors, check_resumable, divergence_error, latest_checkpoint, load_checkpoint,
-    remove_partial,
-)
+from .checkpoint import check_finite_tensors, divergence_error, latest_checkpoint, load_checkpoint, remove_partial
 from .curves import write_curves
 from .preemption import PreemptionFlag, catch_preemption
+from .resume_point import adopt_resume_point, check_resumable
 from .runlock import acquire_run_lock, release_run_lock
+from .schedule import DataOrder, lr_lambda
 from .state import Run, TrainState
+from .summary import peak_memory_mb, summary_table
 from .tracking import Trackers
 
 
@@ -441,69 +440,3 @@ class Trainer:
                          self.task.primary_metric, f"{self.adapter.method} - {self.run_dir.name}")
         except Exception as e:  # noqa: BLE001  (the run itself is done and saved)
             self.console.print(f"curves not drawn: {type(e).__name__}: {e}", markup=False)
-
-
-# ====================================================================== helpers
-def lr_lambda(total: int, warmup: int, kind: str):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(total - warmup, 1)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return factor
-
-
-class DataOrder:
-    """Which training examples each optimizer step uses: a seeded permutation per epoch, cut
-    into global batches. A function of the step alone, so a resumed run and a run on another
-    number of processes see the same examples at the same step."""
-
-    def __init__(self, num_examples: int, global_batch: int, seed: int):
-        self.n, self.global_batch, self.seed = num_examples, global_batch, seed
-        self.steps_per_epoch = num_examples // global_batch
-        self._epoch, self._perm = -1, None
-
-    def step_indices(self, step: int) -> list[int]:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
-        return self._perm[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
-
-
-def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="peftrun summary", show_header=False)
-    memory = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
-    rows = [
-        ("method", summary["method"]),
-        ("trainable parameters", f"{summary['trainable_params']:,}"),
-        ("steps", str(summary["steps"])),
-        ("train loss", f"{summary['train_loss']:.4f}"),
-        ("dev loss", f"{summary['dev_loss']:.4f}"),
-        *[(metric_label(k.removeprefix("test_")) + " (test)", f"{v:.2f}")
-          for k, v in summary.items() if k.startswith("test_") and isinstance(v, float)],
-        ("tokens/s (train)", f"{summary['tokens_per_second']:,.0f}"),
-        (memory, f"{summary['peak_memory_mb']:,.0f} MiB"),
-        ("adapter", summary["adapter_dir"]),
-    ]
-    for key, value in rows:
-        table.add_row(escape(key), escape(value))  # `[op=max]` is text, not rich markup
-    return table
-
-
-def metric_label(name: str) -> str:
-    """`exact match` for `exact_match`; a per-group metric keeps its group as written:
-    `exact match [op=max]` for `exact_match[op=max]` (the `max` operation, not a maximum)."""
-    base, bracket, group = name.partition("[")
-    return base.replace("_", " ") + (f" [{group}" if bracket else "")
