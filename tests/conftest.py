@@ -93,3 +93,14 @@ def run_torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def call_main(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a console script's `main(argv)` run in-process."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import call_main, run_cli
 import peftrun.cli as cli
 from peftrun.errors import ConfigError
 
@@ -185,14 +185,7 @@ def test_templates_render_field_names_only():
 
 
 # ---------------------------------------------------------------------------- the other tools
-def tool(main, argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+tool = call_main
 
 
 def assert_tool_line(result, prog: str, key: str | None = None) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, tiny_model, toy_batch
+from conftest import call_main, compose_config, tiny_model, toy_batch
 from peftrun.errors import ConfigError
 from peftrun.generate import generate
 from peftrun.methods import build_method, load_adapter, save_adapter
@@ -36,14 +36,7 @@ def make_run(folder: Path, method: str = "lora", *overrides: str) -> Path:
     return folder
 
 
-def call(main, argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+call = call_main
 
 
 def assert_refused(result, prog: str, key: str, words: str = "") -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, tiny_model
+from conftest import call_main, compose_config, tiny_model
 from peftrun.generate import generate
 from peftrun.methods import build_method, load_adapter, save_adapter
 from peftrun.serve import main
@@ -37,13 +37,7 @@ def make_run(folder: Path, method: str, model_name: str = "tiny", seed: int = 0,
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(main, argv, capsys)
 
 
 @pytest.mark.slow
