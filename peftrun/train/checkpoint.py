@@ -201,13 +201,14 @@ def _check(folder: Path, manifest: Path) -> str | None:
     return None
 
 
-def set_aside(folder: Path) -> Path:
-    """Rename an incomplete checkpoint out of the way (kept for inspection, never resumed)."""
-    target = folder.with_name(f"bad-{folder.name}")
+def set_aside(folder: Path, prefix: str = "bad") -> Path:
+    """Rename a checkpoint out of the way as `<prefix>-<name>` (kept for inspection, never
+    resumed): an incomplete one ("bad"), or one after a chosen resume point ("abandoned")."""
+    target = folder.with_name(f"{prefix}-{folder.name}")
     n = 1
     while target.exists():
         n += 1
-        target = folder.with_name(f"bad-{folder.name}-{n}")
+        target = folder.with_name(f"{prefix}-{folder.name}-{n}")
     os.replace(folder, target)
     return target
 

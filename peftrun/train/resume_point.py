@@ -177,12 +177,7 @@ def adopt_resume_point(run_dir: Path, cfg, resume_from: Path | None) -> None:
         except (OSError, ValueError, KeyError, TypeError):  # incomplete: not resumable anyway
             later = int(STEP_DIR.match(own.name).group(1)) > step
         if later:
-            target = own.with_name(f"abandoned-{own.name}")
-            n = 1
-            while target.exists():
-                n += 1
-                target = own.with_name(f"abandoned-{own.name}-{n}")
-            os.replace(own, target)
+            target = set_aside(own, "abandoned")
             print(f"peftrun: warning: checkpoint {own.name} is after trainer.resume_from ({folder.name}); set "
                   f"aside as {target.name}", file=sys.stderr, flush=True)
     source_best, best = folder.parent.parent / "best", run_dir / "best"
