@@ -41,9 +41,9 @@ class Router:
     def tenants(self) -> list[str]:
         return list(self.owners)
 
-    def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
+    def set_prompt_mask(self, prompt_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> None:
         for family in self.families:
-            family.set_prompt_mask(prompt_mask)
+            family.set_prompt_mask(prompt_mask, segment_ids)
 
     @contextlib.contextmanager
     def routing(self, names: Sequence[str | None]):

@@ -139,8 +139,12 @@ class Adapter:
         """Training callbacks the method needs (peftrun.train.callbacks.Callback hooks)."""
         return []
 
-    def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
-        """Prompt-aware methods learn here which tokens of the next forward are the prompt."""
+    def set_prompt_mask(self, prompt_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> None:
+        """Prompt-aware methods learn here which tokens of the next forward are the prompt.
+
+        `segment_ids` (rows, seq) describes a packed batch (data.collate_packed): each token's
+        example, numbered over the whole batch from 0, -1 on padding. None: one example per row.
+        A prompt-aware method conditions each example on its own prompt only (pooling.by_example)."""
 
     # ------------------------------------------------------------------ several adapters on one backbone
     def shared_layers(self) -> list[AdapterLayer]:

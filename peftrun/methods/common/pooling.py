@@ -71,3 +71,30 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, kind: str, queries: torch.Ten
             raise ValueError("self_attention pooling needs its learnable queries")
         return attention_pool(hidden, mask, queries)
     raise ValueError(f"unknown pooling {kind!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def by_example(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where each example's masked positions sit in a packed batch: `index` (examples, width)
+    into the flattened (rows * seq) positions, and `valid` (examples, width), False on the padding
+    of shorter examples. `pool(flat[index], valid, ...)` then pools each example on its own and
+    `vectors[segment_ids.clamp(min=0)]` hands every token its example's result. None when
+    `segment_ids` is None (one example per row: pool the rows as they are)."""
+    if segment_ids is None:
+        return None
+    flat_ids = segment_ids.flatten()
+    picked = mask.flatten().bool() & (flat_ids >= 0)
+    positions = torch.nonzero(picked).flatten()
+    examples = int(flat_ids.max()) + 1 if flat_ids.numel() else 0
+    owner = flat_ids[positions]
+    counts = torch.bincount(owner, minlength=examples)
+    if examples and bool((counts == 0).any()):
+        raise ValueError("an example of the packed batch has no prompt token: nothing to pool")
+    width = int(counts.max()) if examples else 0
+    # positions are in order, so each example's come together: rank within its example
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(positions.numel(), device=mask.device) - starts[owner]
+    index = torch.zeros(examples, width, dtype=torch.long, device=mask.device)
+    valid = torch.zeros(examples, width, dtype=torch.bool, device=mask.device)
+    index[owner, rank] = positions
+    valid[owner, rank] = True
+    return index, valid
