@@ -164,18 +164,120 @@ def test_merge_is_refused():
         merge_into_backbone(adapter, model)
 
 
+# --------------------------------------------------------------- one attention call per layer
+def loss_and_grads(model, adapter, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from peftrun.loss import labelled_loss_sum
+
+    for _, p in adapter.trainable_parameters():
+        p.grad = None
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    loss = labelled_loss_sum(model, batch)
+    loss.backward()
+    adapter.set_prompt_mask(None)
+    return loss.detach(), {n: p.grad.clone() for n, p in adapter.trainable_parameters()}
+
+
+@pytest.mark.parametrize("gate", ["per_head", "none"])
+def test_training_in_one_attention_call_equals_the_joint_attention(gate, monkeypatch):
+    """Training merges the soft keys through the CPU flash kernel's log-sum-exp, one attention
+    call per layer; its loss and every gradient are those of the joint attention call over
+    [soft; real] keys (with the gated blend's second call over the real keys)."""
+    from peftrun.methods.iapt import attention as iapt
+
+    model, tokenizer, adapter = attach("tiny", f"method.gate={gate}", gate=0.7)
+    batch = toy_batch(tokenizer, n=4)
+    merges = []
+    merge = iapt.merge_soft
+    monkeypatch.setattr(iapt, "merge_soft", lambda *args: merges.append(1) or merge(*args))
+    loss, grads = loss_and_grads(model, adapter, batch)
+    assert len(merges) == model.config.num_hidden_layers, "training took the one-call path"
+    monkeypatch.setattr(iapt, "mergeable", lambda *args: False)
+    joint_loss, joint_grads = loss_and_grads(model, adapter, batch)
+    torch.testing.assert_close(loss, joint_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == joint_grads.keys() and any(n.endswith(".gate") for n in grads) == (gate == "per_head")
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, f"{name}: a zero gradient proves nothing"
+        torch.testing.assert_close(grad, joint_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def reference_attention(query, key, value, mask, causal, scale):
+    """(out, log-sum-exp) by the softmax formulas in float64, differentiable by autograd."""
+    batch, heads, q_len, dim = query.shape
+    group = heads // key.shape[1]
+    k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = query @ k.mT * scale
+    if causal:
+        scores = scores.masked_fill(~torch.ones(q_len, key.shape[2], dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse
+
+
+@pytest.mark.parametrize("case", ["causal", "mask", "zero-row-gradient"])
+def test_flash_kernel_with_log_sum_exp_has_the_softmax_gradients(case):
+    """FlashWithLse: the CPU flash kernel's output and log-sum-exp, differentiable in both
+    (the gradient through L folded into the kernel's backward), against autograd through the
+    softmax formulas; a row whose output gets no gradient while its L does takes the math path."""
+    from peftrun.methods.iapt.real_attention import FlashWithLse
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 6, 8, dtype=torch.float64)
+    key, value = torch.randn(2, 2, 6, 8, dtype=torch.float64), torch.randn(2, 2, 6, 8, dtype=torch.float64)
+    mask, causal = None, case != "mask"
+    if case == "mask":
+        mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64).masked_fill(torch.rand(2, 1, 6, 6) < 0.3, float("-inf"))
+        mask[..., 0] = 0.0  # every query sees a key
+    w_out, w_lse = torch.randn(2, 4, 6, 8, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
+    if case == "zero-row-gradient":
+        w_out[0, 1, 2] = 0.0
+    grads = []
+    for fn in (lambda *a: FlashWithLse.apply(*a), reference_attention):
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        out, lse = fn(q, k, v, mask, causal, 0.3)
+        ((out * w_out).sum() + (lse * w_lse).sum()).backward()
+        grads.append((out.detach(), lse.detach(), q.grad, k.grad, v.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the kernel's float32 softmax
+
+
+def test_gate_none_is_the_papers_joint_softmax_without_gate_parameters():
+    model, tokenizer, adapter = attach("tiny", "method.gate=none")
+    assert not any(n.endswith(".gate") for n, _ in adapter.trainable_parameters())
+    assert adapter.parameter_counts().get("gate", 0) == 0
+    joint, _, gated = attach("tiny", gate=1.0)  # a gate of 1 everywhere is the joint softmax
+    batch = toy_batch(tokenizer)
+    for a in (adapter, gated):
+        a.set_prompt_mask(batch["prompt_mask"])
+    with torch.no_grad():
+        ungated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ones = joint(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(ungated, ones, rtol=1e-5, atol=1e-5)
+
+
+def test_gates_have_their_own_learning_rate_when_set():
+    _, _, adapter = attach("tiny", "method.gate_lr=5e-2")
+    groups = adapter.param_groups(3e-3)
+    assert [g["lr"] for g in groups] == [3e-3, 1e-6, 5e-2]
+    gates = {id(p) for n, p in adapter.trainable_parameters() if n.endswith(".gate")}
+    assert {id(p) for p in groups[2]["params"]} == gates and len(gates) == 2
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
         ("method.bottleneck=0", "method.bottleneck"),
+        ("method.gate=per_layer", "method.gate"),
+        ("method.gate_lr=-1", "method.gate_lr"),
         ("method.n_soft=0", "method.n_soft"),
         ("method.rational_degrees=[7,7]", "method.rational_degrees"),
         ("method.rational_init=tanh", "method.rational_init"),
         ("method.rational_lr=-1", "method.rational_lr"),
+        ("method.gate=none method.gate_lr=1e-2", "method.gate_lr"),
     ],
 )
 def test_bad_config_is_refused_before_weights(override, key):
-    cfg = compose_config("method=iapt", override)
+    cfg = compose_config("method=iapt", *override.split())
     with pytest.raises(ConfigError) as err:
         build_method(cfg.method).check_config()
     assert err.value.key == key

@@ -157,7 +157,7 @@ def test_iapt_decode_merge_equals_the_joint_attention(path, monkeypatch):
     model, tokenizer = tiny_model("tiny")
     adapters = attach(model, "tiny", "iapt")
     if path == "lse":  # the portable path: L from one q.K product
-        monkeypatch.setattr(iapt, "_attention_with_lse", lambda *args: None)
+        monkeypatch.setattr(iapt, "attention_with_lse", lambda *args: None)
     batch = encode_prompts(PROMPTS, tokenizer, 64)
 
     def decode_logits() -> torch.Tensor:
@@ -171,11 +171,13 @@ def test_iapt_decode_merge_equals_the_joint_attention(path, monkeypatch):
         return logits
 
     merges = []
-    merge = iapt._merged_joint
-    monkeypatch.setattr(iapt, "_merged_joint", lambda *args: merges.append(1) or merge(*args))
+    merge = iapt.merge_soft
+    monkeypatch.setattr(iapt, "merge_soft", lambda *args: merges.append(1) or merge(*args))
     merged = decode_logits()
-    assert len(merges) == model.config.num_hidden_layers, "the decode step took the merged path"
-    monkeypatch.setattr(iapt, "_mergeable", lambda *args: False)
+    # The flash kernel gives the prefill its log-sum-exp too: one call per layer there as well.
+    calls = (2 if path == "flash" else 1) * model.config.num_hidden_layers
+    assert len(merges) == calls, "the decode step (and with the flash kernel the prefill) took the merged path"
+    monkeypatch.setattr(iapt, "mergeable", lambda *args: False)
     joint = decode_logits()
     torch.testing.assert_close(merged, joint, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged, decode_logits_backbone(model, batch), atol=1e-3), "the soft tokens matter"

@@ -85,12 +85,14 @@ def by_example(mask: torch.Tensor, segment_ids: torch.Tensor | None) -> tuple[to
     picked = mask.flatten().bool() & (flat_ids >= 0)
     positions = torch.nonzero(picked).flatten()
     examples = int(flat_ids.max()) + 1 if flat_ids.numel() else 0
-    owner = flat_ids[positions]
+    # By example, in position order within each (whatever order the examples are numbered in).
+    owner, order = torch.sort(flat_ids[positions], stable=True)
+    positions = positions[order]
     counts = torch.bincount(owner, minlength=examples)
     if examples and bool((counts == 0).any()):
         raise ValueError("an example of the packed batch has no prompt token: nothing to pool")
     width = int(counts.max()) if examples else 0
-    # positions are in order, so each example's come together: rank within its example
+    # each example's positions come together: rank within its example
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(positions.numel(), device=mask.device) - starts[owner]
     index = torch.zeros(examples, width, dtype=torch.long, device=mask.device)

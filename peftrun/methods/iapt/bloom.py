@@ -46,7 +46,7 @@ def _attention(module, query, key, value, mask, alibi):
 def forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
             output_attentions=False, **kwargs):
     layer = self.iapt
-    if layer.soft_kv is None or layer.gate is None:
+    if layer.soft_kv is None:
         return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
                                   output_attentions, **kwargs)
     batch, q_len, _ = hidden_states.shape
@@ -57,6 +57,6 @@ def forward(self, hidden_states, residual, alibi, attention_mask, layer_past=Non
     def original(module, q, k, v, mask, **_):
         return _attention(module, q, k, v, mask, alibi)
 
-    out, probs = attend(original, self, query, key, value, attention_mask, mergeable=False)
+    out, probs = attend(original, self, query, key, value, attention_mask, merge=False)
     output = self.dense(out.reshape(batch, q_len, -1))
     return F.dropout(output, p=self.hidden_dropout, training=self.training) + residual, probs

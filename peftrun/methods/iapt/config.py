@@ -7,13 +7,15 @@ from typing import List, Optional
 
 from ...config import MethodConfig
 
+GATES = ("per_head", "none")
+
 
 @dataclass
 class IaptConfig(MethodConfig):
     """IAPT: per layer, a generator turns the instruction's hidden states into `n_soft` soft
     tokens (down d -> bottleneck, self-attention pooling, rational activation, up -> d) that join
     the layer's attention as extra key/value positions. A per-head gate (init 0) makes step 0
-    the backbone exactly."""
+    the backbone exactly; `gate: none` is the paper's form (the joint softmax, no gate)."""
 
     name: str = "iapt"
     bottleneck: int = 320  # m, the generator's hidden width (the group's later runs: 320)
@@ -30,3 +32,8 @@ class IaptConfig(MethodConfig):
     rational_update: str = "joint"
     rational_update_every: int = 1
     rational_dev_batch_size: int = 16
+    # per_head: out = out_backbone + g (out_joint - out_backbone), g per head from 0 (an exact
+    # start the paper does not have); none: the paper's form, the joint softmax over [soft; real].
+    gate: str = "per_head"
+    # Learning rate of the gates; null: trainer.lr. Decays with the same schedule as the rest.
+    gate_lr: Optional[float] = None

@@ -11,6 +11,7 @@ from ..base import AdapterLayer
 from ..common.rational import Rational
 from ..common.routing import RequestRows
 from .keys import attention_modules, call_arguments, call_cache, soft_keys_values
+from .packed import PackedPrompts
 
 __all__ = ["IaptLayer", "PromptState", "SoftPromptGenerator", "attention_modules"]
 
@@ -39,10 +40,18 @@ class SoftPromptGenerator(nn.Module):
 
 
 class PromptState:
-    """The prompt mask of the next forward, shared by every IAPT layer of a model."""
+    """The prompt of the next forward, shared by every IAPT layer of a model: its mask and, for
+    packed rows, where each example sits (packed.py)."""
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
+        self.packed: PackedPrompts | None = None
+
+    def set(self, mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> None:
+        if segment_ids is not None and mask is None:
+            raise ValueError("IAPT: a packed batch (segment_ids) needs its prompt_mask")
+        self.mask = mask
+        self.packed = None if segment_ids is None else PackedPrompts(mask, segment_ids)
 
     def for_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The mask as (hidden batch, hidden length) bool: rows repeated for beam search /
@@ -63,7 +72,8 @@ class PromptState:
 
 class IaptLayer(AdapterLayer):
     """IAPT's state in one attention module: generators and gates keyed by adapter name (several
-    adapters can sit on one backbone), and the soft keys/values of the current batch."""
+    adapters can sit on one backbone; an adapter with `gate: none` has no gate), and the soft
+    keys/values of the current batch."""
 
     adapter_owned = True  # its linear layers are IAPT's, not targets for another method
     held = "generators"
@@ -75,18 +85,23 @@ class IaptLayer(AdapterLayer):
         self.num_heads = num_heads
         self.prompt = prompt
         # Of the current batch, set at prefill: the soft keys/values, the gate (per row when
-        # routed), and which soft positions each row sees (None: all; routed tenants may differ
-        # in n_soft, their soft tokens are then zero-padded and the padding hidden).
+        # routed; None: no gate, the joint attention), and which soft positions each row sees
+        # (None: all; routed tenants may differ in n_soft, their soft tokens are then
+        # zero-padded and the padding hidden), or each token (packed rows: its example's).
         self.soft_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gate: torch.Tensor | None = None
         self.soft_visible: torch.Tensor | None = None
         self.decoding = False  # the KV cache holds this layer's past: the soft tokens are the prefill's
         self.capturing = False  # the attention runs on the soft tokens, for their keys and values
 
-    def add_adapter(self, name: str, generator: SoftPromptGenerator, device=None) -> None:
+    def add_adapter(self, name: str, generator: SoftPromptGenerator, gated: bool = True, device=None) -> None:
         self.generators[name] = generator
-        self.gates[name] = nn.Parameter(torch.zeros(self.num_heads, device=device))
+        if gated:  # per head, from 0: the backbone exactly at the start
+            self.gates[name] = nn.Parameter(torch.zeros(self.num_heads, device=device))
         self.active_adapter = name
+
+    def gate_of(self, name: str) -> torch.Tensor | None:
+        return self.gates[name] if name in self.gates else None
 
     def end_route(self) -> None:
         self.route = None
@@ -118,32 +133,42 @@ def _pre_hook(attn: nn.Module, args: tuple, kwargs: dict) -> None:
             raise RuntimeError("IAPT: a decode step without the soft tokens of its prefill; "
                                "start generation from the prompt (empty cache)")
         return
-    prompt_mask = layer.prompt.for_hidden(hidden)
     layer.soft_visible = None
-    if name is not None:
-        soft = layer.generators[name](hidden.float(), prompt_mask).to(hidden.dtype)
-        layer.gate = layer.gates[name].view(1, 1, -1, 1)  # (B, T, H, D) outputs
+    packed = layer.prompt.packed
+    if packed is not None and name is None:
+        raise ValueError("IAPT: packed rows (segment_ids) with one adapter per row are not supported")
+    if packed is not None:
+        soft, layer.soft_visible = packed.soft_tokens(layer.generators[name], hidden)
+        layer.gate = _as_output_gate(layer.gate_of(name))
+    elif name is not None:
+        soft = layer.generators[name](hidden.float(), layer.prompt.for_hidden(hidden)).to(hidden.dtype)
+        layer.gate = _as_output_gate(layer.gate_of(name))
     else:
-        soft, layer.gate, layer.soft_visible = _per_request(layer, rows, hidden, prompt_mask)
+        soft, layer.gate, layer.soft_visible = _per_request(layer, rows, hidden, layer.prompt.for_hidden(hidden))
     layer.soft_kv = soft_keys_values(attn, soft, call)
+
+
+def _as_output_gate(gate: torch.Tensor | None) -> torch.Tensor | None:
+    return None if gate is None else gate.view(1, 1, -1, 1)  # (B, T, H, D) outputs
 
 
 def _per_request(layer: IaptLayer, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor):
     """Soft tokens (batch, n_soft, d), gates (batch, 1, H, 1) and soft visibility of a
     mixed-tenant batch: each tenant's generator reads only its rows; the backbone's rows get
-    zero soft tokens and a zero gate (exactly the backbone)."""
+    zero soft tokens and a zero gate (exactly the backbone); a tenant without a gate, 1."""
     rows.check_batch(hidden.shape[0])
     tenants = [n for n in rows.tenants if n in layer.generators]
     n_soft = {n: layer.generators[n].queries.shape[1] for n in tenants}
     width = max(n_soft.values())
     soft = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
-    gate = layer.gates[tenants[0]].new_zeros(hidden.shape[0], layer.num_heads)
+    gate = torch.zeros(hidden.shape[0], layer.num_heads, device=hidden.device)
     visible = torch.ones(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
     for name in tenants:
         index = rows.rows(name, hidden.device)
         own = layer.generators[name](hidden.index_select(0, index).float(), prompt_mask.index_select(0, index))
         soft[index, : n_soft[name]] = own.to(hidden.dtype)
-        gate[index] = layer.gates[name].to(gate.dtype)
+        own_gate = layer.gate_of(name)
+        gate[index] = 1.0 if own_gate is None else own_gate.to(gate.dtype)
         visible[index, n_soft[name]:] = False
     return soft, gate.view(-1, 1, layer.num_heads, 1), None if bool(visible.all()) else visible
 

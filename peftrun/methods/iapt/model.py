@@ -14,16 +14,17 @@ fused or not, and its key normalization where it has one). They get no rotary po
 prefix, they sit outside the sequence, so real tokens keep their positions and the KV cache its
 layout.
 
-Exact start at the backbone. Extra key positions change the softmax normalization even with
-zero values, so zero-initialising `up` is not enough. Each layer has a per-head gate g (init 0):
+Exact start at the backbone (`gate: per_head`, the default). Extra key positions change the
+softmax normalization even with zero values, so zero-initialising `up` is not enough. Each layer
+has a per-head gate g (init 0):
 
     out = out_backbone + g * (out_with_soft_tokens - out_backbone)
 
 With g = 1 this is exactly P-tuning v2's joint softmax over [soft tokens; real tokens]; with
-g = 0 it is the backbone bit for bit. (The paper has no gate; it does not claim an exact start.)
-The price: two attention calls per layer at prefill and in training. Decode steps stay cheap:
-the joint output is merged from the attention over the real keys and the soft keys' scores (see
-`_merged_joint`), with no copy of the KV cache.
+g = 0 it is the backbone bit for bit. The paper has no gate (`gate: none`: the joint softmax,
+no exact start). Either form costs one attention call per layer where PyTorch's CPU flash kernel
+runs the attention: the soft keys are merged through the real attention's log-sum-exp
+(attention.py, real_attention.py, soft_merge.py), with no copy of the KV cache at decode.
 
 Mechanism: transformers' attention-function registry. attach() registers "iapt_sdpa" /
 "iapt_eager" (wrapping the original function, same mask builder) and points the model config at
@@ -32,7 +33,9 @@ soft keys/values are computed at prefill (empty cache) and reused at every decod
 
 Several adapters can sit on one backbone: one active for every row, or one per row of a
 mixed-tenant batch (`IaptAdapter.routing`): each row's soft tokens come from its own adapter's
-generator, and its gate from that adapter (0 for the backbone's rows).
+generator, and its gate from that adapter (0 for the backbone's rows). Packed rows (several
+examples in a row, `set_prompt_mask(..., segment_ids)`): each example's soft tokens come from its
+own prompt and only its tokens see them (packed.py).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from ..common.rational import available_inits, degree_key
 from ..common.state import unique_parameters
 from ..registry import register_method
 from .attention import PREFIX, SUPPORTED_ATTENTION, register
-from .config import IaptConfig
+from .config import GATES, IaptConfig
 from .keys import attention_layouts, custom_attention
 from .layer import IaptLayer, PromptState, SoftPromptGenerator, _pre_hook
 from .rational_update import AlternatingRationalUpdate
@@ -71,26 +74,32 @@ class IaptAdapter(Adapter):
         named = []
         for mod, layer in self.layers.items():
             named += [(f"{mod}.iapt.{n}", p) for n, p in layer.generators[self.name].named_parameters()]
-            named.append((f"{mod}.iapt.gate", layer.gates[self.name]))
+            if layer.gate_of(self.name) is not None:
+                named.append((f"{mod}.iapt.gate", layer.gates[self.name]))
         return unique_parameters(named)
 
     def kind_of(self, name: str) -> str:
         return KINDS[name.split(".iapt.", 1)[1].split(".", 1)[0]]
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """The rational coefficients train at their own learning rate (the authors' 1e-6)."""
-        rational_lr = lr if self.cfg.rational_lr is None else self.cfg.rational_lr
+        """The rational coefficients train at their own learning rate (the authors' 1e-6), and
+        the gates at theirs where `gate_lr` is set (null: with the rest, at trainer.lr)."""
+        own_lr = {"rational": self.cfg.rational_lr}
+        if self.cfg.gate_lr is not None:
+            own_lr["gate"] = self.cfg.gate_lr
         named = self.trainable_parameters()
-        return [
-            {"params": [p for n, p in named if self.kind_of(n) != "rational"], "lr": lr},
-            {"params": [p for n, p in named if self.kind_of(n) == "rational"], "lr": rational_lr},
-        ]
+        groups = [{"params": [p for n, p in named if self.kind_of(n) not in own_lr], "lr": lr}]
+        for kind, kind_lr in own_lr.items():
+            params = [p for n, p in named if self.kind_of(n) == kind]
+            if params:
+                groups.append({"params": params, "lr": lr if kind_lr is None else kind_lr})
+        return groups
 
     def callbacks(self) -> list[Any]:
         return [AlternatingRationalUpdate(self)] if self.cfg.rational_update == "alternating" else []
 
-    def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
-        self.prompt.mask = prompt_mask
+    def set_prompt_mask(self, prompt_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> None:
+        self.prompt.set(prompt_mask, segment_ids)
 
     def merge_refusal(self) -> str:
         return ("IAPT cannot be merged (method 'iapt' does not support merging): its soft tokens depend on "
@@ -129,6 +138,13 @@ class IaptMethod(Method):
         if c.rational_update_every <= 0 or c.rational_dev_batch_size <= 0:
             raise ConfigError("method.rational_update_every",
                               "rational_update_every and rational_dev_batch_size must be positive")
+        if c.gate not in GATES:
+            raise ConfigError("method.gate", f"choose {' or '.join(GATES)} (none: the paper's form, no gate), "
+                                             f"got {c.gate!r}")
+        if c.gate_lr is not None and c.gate == "none":
+            raise ConfigError("method.gate_lr", "there is no gate with method.gate=none; set method.gate_lr=null")
+        if c.gate_lr is not None and c.gate_lr < 0:
+            raise ConfigError("method.gate_lr", f"must be >= 0 (or null for trainer.lr), got {c.gate_lr}")
 
     def check_model(self, model: nn.Module) -> None:
         attention_layouts(model)  # ConfigError naming why, where IAPT cannot join the attention
@@ -160,6 +176,6 @@ class IaptMethod(Method):
                     custom.install(attn)
             generator = SoftPromptGenerator(hidden, c.bottleneck, c.n_soft, tuple(c.rational_degrees),
                                             c.rational_init, device=device)
-            attn.iapt.add_adapter(adapter_name, generator, device=device)
+            attn.iapt.add_adapter(adapter_name, generator, gated=c.gate == "per_head", device=device)
             layers[name] = attn.iapt
         return IaptAdapter(model, c, adapter_name, layers)
