@@ -97,6 +97,9 @@ def explain_composition_error(err: Exception, config_dirs: list[Path] = ()) -> C
     converted = re.search(r"Value '([^']*)'.*could not be converted to (\w+)", full_text)
     if converted:
         return ConfigError(key or "config", f"{converted.group(1)!r} is not a valid {converted.group(2)}")
+    if re.search(r"Value '[^']*' is not a valid bool", full_text):
+        value = re.search(r"Value '([^']*)'", full_text).group(1)
+        return ConfigError(key or "config", f"{value!r} is not a valid bool; give true or false")
     first = next((line for line in full_text.splitlines() if line.strip()), "invalid config")
     return ConfigError(key or "command line", first.strip())
 

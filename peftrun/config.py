@@ -184,6 +184,12 @@ class TrainerConfig:
     epochs: float = 1.0
     micro_batch_size: int = 16
     grad_accum: int = 1
+    # Each micro-batch's examples concatenated into rows of at most task.max_length tokens, with
+    # attention kept inside each example: the same examples and gradient, far less padding.
+    packing: bool = False
+    # Each global batch drawn from examples of similar length (sorted within windows of 50
+    # batches, the batches shuffled): less padding without packing, still a function of the step.
+    group_by_length: bool = False
     eval_batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0

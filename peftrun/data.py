@@ -1,4 +1,4 @@
-"""Tokenize (prompt, target) examples and conversations, mask the labels, and pad batches.
+"""Tokenize (prompt, target) examples and conversations, mask the labels, and pad or pack batches.
 
 Labels are aligned with input_ids (the model shifts them); -100 marks positions without loss.
 A conversation (task=chat) comes as rendered text segments, each trained or not: it is tokenized
@@ -152,6 +152,70 @@ def collate_train(features: Sequence[dict], pad_token_id: int) -> dict[str, torc
         out["prompt_mask"].append(list(f["prompt_mask"]) + [0] * pad)
     return {k: torch.tensor(v, dtype=torch.long).reshape(len(features), width)
             for k, v in out.items()}
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: example indices grouped into rows of at most `capacity` tokens (an
+    example longer than that gets a row of its own). Longest examples first, ties by index, so
+    the layout is a function of the lengths alone."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def collate_packed(features: Sequence[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """The features concatenated into rows of at most `max_length` tokens (`pack_rows`), right-
+    padded to the longest row: `input_ids`, `labels`, `prompt_mask`, `position_ids` (from 0 in
+    each example, and again on the padding) and `segment_ids` (each token's example, numbered
+    over the batch in row-major order from 0; -1 on padding). No attention_mask: given
+    `position_ids` alone, transformers' masking keeps attention inside each example (see
+    peftrun/packing.py). Each example's first token is unlabelled, so no example predicts across
+    a boundary; the padded batch (`collate_train`) never labels a row's first token either, so
+    both count the same labels."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; set the tokenizer's pad token first")
+    rows = pack_rows([len(f["input_ids"]) for f in features], max_length)
+    width = max((sum(len(features[i]["input_ids"]) for i in row) for row in rows), default=0)
+    keys = ("input_ids", "labels", "prompt_mask", "position_ids", "segment_ids")
+    out: dict[str, list] = {k: [] for k in keys}
+    segment = 0
+    for row in rows:
+        packed = {k: [] for k in keys}
+        for i in row:
+            f, n = features[i], len(features[i]["input_ids"])
+            packed["input_ids"] += f["input_ids"]
+            packed["labels"] += [IGNORE_INDEX] + list(f["labels"][1:])
+            packed["prompt_mask"] += f["prompt_mask"]
+            packed["position_ids"] += range(n)
+            packed["segment_ids"] += [segment] * n
+            segment += 1
+        pad = width - len(packed["input_ids"])
+        for k, fill in (("input_ids", [pad_token_id] * pad), ("labels", [IGNORE_INDEX] * pad),
+                        ("prompt_mask", [0] * pad), ("position_ids", range(pad)), ("segment_ids", [-1] * pad)):
+            out[k].append(packed[k] + list(fill))
+    return {k: torch.tensor(v, dtype=torch.long).reshape(len(rows), width) for k, v in out.items()}
+
+
+def collate(features: Sequence[dict], pad_token_id: int, packing_length: int | None = None) -> dict[str, torch.Tensor]:
+    """`collate_packed` into rows of `packing_length` tokens, or `collate_train` when None."""
+    if packing_length is None:
+        return collate_train(features, pad_token_id)
+    return collate_packed(features, pad_token_id, packing_length)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the batch that are not padding, packed or not."""
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] >= 0).sum())
+    return int(batch["attention_mask"].sum())
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, max_length: int,

@@ -32,6 +32,7 @@ from .methods import build_method
 from .methods.base import Method
 from .model_checks import validate_model_config
 from .models import load_tokenizer, meta_model
+from .packing import check_packing
 from .tasks import Task, bind_tokenizer, build_task
 
 
@@ -299,6 +300,8 @@ def validate(cfg: DictConfig, *, keep: bool = False) -> Prepared:
     model = meta_model(cfg.model, tokenizer)
     method.check_model(model)
     check_positions(cfg, model)
+    if cfg.trainer.packing:
+        check_packing(model, cfg.model.attn_implementation)  # the backbone keeps packed examples apart
     check_run(cfg, task, method)
     check_init_from(cfg, model)
     check_resume_from(cfg)

@@ -197,7 +197,8 @@ def test_cell(family, method, tmp_path):
 
     if adapter.supports_merge:
         adapter.merge()
-        torch.testing.assert_close(logits(model, adapter, b), expected, rtol=1e-4, atol=1e-5)
+        # fp32 rounding only, amplified on Gemma's sqrt(hidden)-scaled states (~40 against logits ~0.4)
+        torch.testing.assert_close(logits(model, adapter, b), expected, rtol=1e-4, atol=1e-4)
         adapter.unmerge()
     if method in PEFT_METHODS:
         check_peft_export(family, adapter, expected, b, tmp_path)
@@ -236,7 +237,7 @@ def check_para_columns(model, adapter, b) -> None:
             entries = torch.ones(sum(s.end - s.start for s in segments))
             if i == j:
                 entries[:q_w], entries[q_w : q_w + v_w] = 2.0, 4.0
-            gen.forward = lambda name, hidden, mask, e=entries: e.expand(hidden.shape[0], -1)
+            gen.forward = lambda name, hidden, mask, examples=None, e=entries: e.expand(hidden.shape[0], -1)
         try:
             q, k, v = capture_qkv(model, adapter, b)[i]
         finally:

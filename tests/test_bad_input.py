@@ -86,6 +86,8 @@ BAD_INPUT = [
     ("dropout-above-one", ["method.dropout=1.5"], "method.dropout"),
     ("unknown-scheduler", ["trainer.scheduler=step"], "trainer.scheduler"),
     ("unknown-strategy", ["trainer.strategy=zero3"], "trainer.strategy"),
+    ("packing-not-a-bool", ["trainer.packing=maybe"], "trainer.packing"),
+    ("group-by-length-not-a-bool", ["trainer.group_by_length=often"], "trainer.group_by_length"),
     # ---------------------------------------------------------------- checks moved before tokenizing
     ("batch-larger-than-data", ["trainer.micro_batch_size=4096", "task.num_train=100"], "trainer.micro_batch_size"),
     ("accumulated-batch-larger-than-data", ["trainer.grad_accum=64", "task.num_train=1000"], "trainer.micro_batch_size"),

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from safetensors.torch import load_file
 
-from ..data import collate_train
+from ..data import IGNORE_INDEX, collate, real_tokens
 from ..distributed import is_sharded, make_accelerator, padded_shard
 from ..errors import ConfigError
 from ..generate import generate
@@ -131,7 +131,10 @@ class Trainer:
         global_batch = t.micro_batch_size * t.grad_accum * self.world
         # Validation checked the examples before tokenizing; some may have been dropped since.
         steps_per_epoch = check_batch(cfg, len(self.train_feats), self.world)
-        self.order = DataOrder(len(self.train_feats), global_batch, t.seed)
+        lengths = [len(f["input_ids"]) for f in self.train_feats] if t.group_by_length else None
+        self.order = DataOrder(len(self.train_feats), global_batch, t.seed, lengths)
+        # trainer.packing: micro-batches (and dev batches) packed into rows of task.max_length.
+        self.packing_length = cfg.task.max_length if t.packing else None
         self.total_steps, self.warmup = run_length(t, steps_per_epoch)
         self.method.check_run(self.total_steps, steps_per_epoch)
 
@@ -241,12 +244,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's share of the step's global batch, collated into micro-batches."""
+        """This process's share of the step's global batch, collated (padded or packed) into
+        micro-batches."""
         size, pad = self.t.micro_batch_size, self.tokenizer.pad_token_id
         per_process = size * self.t.grad_accum
         local = self.order.step_indices(step)[self.rank * per_process : (self.rank + 1) * per_process]
-        return [collate_train([self.train_feats[i] for i in local[j : j + size]], pad)
+        return [collate([self.train_feats[i] for i in local[j : j + size]], pad, self.packing_length)
                 for j in range(0, per_process, size)]
+
+    def show_prompt(self, batch: dict[str, torch.Tensor] | None) -> None:
+        """Tell the adapter the next forward's prompt tokens (and a packed batch's examples);
+        None: forget them. Unpacked batches keep the one-argument call."""
+        if batch is None:
+            self.adapter.set_prompt_mask(None)
+        elif "segment_ids" in batch:
+            self.adapter.set_prompt_mask(batch["prompt_mask"], batch["segment_ids"])
+        else:
+            self.adapter.set_prompt_mask(batch["prompt_mask"])
 
     def step(self, preempted: PreemptionFlag) -> None:
         """Forward and backward over the micro-batches, the gradient norm (clipped), then one
@@ -259,12 +273,12 @@ class Trainer:
         # same, however tokens are spread over micro-batches and processes.
         n_tokens = acc.reduce(torch.tensor(float(sum(map(label_tokens, micro_batches))), device=acc.device), "sum")
         step_loss = torch.zeros((), device=acc.device)
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # on the host: no sync
+        step_tokens = sum(map(real_tokens, micro_batches))  # on the host: no sync
         for j, batch in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = j == len(micro_batches) - 1
             with nullcontext() if sync else acc.no_sync(self.model):
-                self.adapter.set_prompt_mask(batch["prompt_mask"])
+                self.show_prompt(batch)
                 with acc.autocast():
                     loss_sum = labelled_loss_sum(self.model, batch, self.kept_logits)
                 # DDP averages gradients over processes; scale back to a global token mean.
@@ -287,7 +301,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.adapter.set_prompt_mask(None)
+        self.show_prompt(None)
 
         state.step += 1
         state.grad_norm = float(grad_norm)  # already computed: the reduction above synchronized
@@ -334,20 +348,21 @@ class Trainer:
 
     def dev_loss(self) -> float:
         """Token-mean loss over the whole dev set, summed over processes."""
-        acc, model, adapter, batch_size = self.acc, self.model, self.adapter, self.t.eval_batch_size
+        acc, model, batch_size = self.acc, self.model, self.t.eval_batch_size
         model.eval()
         loss, tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
         with torch.no_grad():
             shard, real = padded_shard(self.eval_feats, self.rank, self.world)
+            # The shard's padding examples: the same forwards as every process's, no loss.
+            shard = shard[:real] + [{**f, "labels": [IGNORE_INDEX] * len(f["labels"])} for f in shard[real:]]
             for i in range(0, len(shard), batch_size):
-                batch = collate_train(shard[i : i + batch_size], self.tokenizer.pad_token_id)
-                batch["labels"][max(real - i, 0) :] = -100  # padding rows: same forwards, no loss
+                batch = collate(shard[i : i + batch_size], self.tokenizer.pad_token_id, self.packing_length)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                adapter.set_prompt_mask(batch["prompt_mask"])
+                self.show_prompt(batch)
                 with acc.autocast():
                     loss += labelled_loss_sum(model, batch, self.kept_logits)
                 tokens += label_tokens(batch)
-        adapter.set_prompt_mask(None)
+        self.show_prompt(None)
         model.train()
         loss, tokens = acc.reduce(loss, "sum"), acc.reduce(tokens, "sum")
         return float(loss / tokens.clamp(min=1))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.pooling import check_mask, pool
+from ..common.pooling import by_example, check_mask, pool
 from ..common.routing import RequestRows
 from .plan import LayerPlan, Segment
 
@@ -41,8 +41,10 @@ class ParaGenerator(nn.Module):
         self.segments: dict[str, dict[str, list[Segment]]] = {}
         self.out_features: dict[str, int] = {}
         self._indices: dict[tuple, torch.Tensor] = {}  # (adapter, module, device) -> column -> vector entry + 1
-        self.vectors: torch.Tensor | None = None  # (batch, width) of the current prompts (one adapter)
-        # Module path -> (batch, out_features) multiplier of its output for the current prompts.
+        # (batch, width) of the current prompts (one adapter); (examples, width) for a packed batch.
+        self.vectors: torch.Tensor | None = None
+        # Module path -> (batch, out_features) multiplier of its output for the current prompts
+        # ((examples, out_features) for a packed batch).
         self.scales: dict[str, torch.Tensor] | None = None
 
     def add_adapter(self, name: str, plan: LayerPlan, hidden_size: int, cfg: Any, device) -> None:
@@ -62,10 +64,16 @@ class ParaGenerator(nn.Module):
         self.segments[name] = plan.segments
         self.out_features.update(plan.out_features)
 
-    def forward(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, d) hidden states and (batch, seq) prompt mask -> (batch, width) vectors."""
+    def forward(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor,
+                examples: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(batch, seq, d) hidden states and (batch, seq) prompt mask -> (batch, width) vectors.
+        A packed batch (`examples`: pooling.by_example's index and valid mask) -> one vector per
+        example, pooled over that example's own prompt tokens: (examples, width)."""
         down = self.down[name]
         z = F.linear(hidden.to(down.dtype), down)
+        if examples is not None:
+            index, valid = examples
+            z, prompt_mask = z.flatten(0, 1)[index], valid  # (examples, longest prompt, r)
         pooled = pool(z, prompt_mask, self.pooling[name], self.query[name] if name in self.query else None)
         return 1.0 + F.linear(ACTIVATIONS[self.activation[name]](pooled), self.up[name])
 
@@ -94,9 +102,11 @@ class ParaGenerator(nn.Module):
             self._indices[key] = index.to(device)
         return self._indices[key]
 
-    def prefill(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        """One adapter for every row: compute and keep the vectors and multipliers."""
-        self.vectors = self(name, hidden, prompt_mask)
+    def prefill(self, name: str, hidden: torch.Tensor, prompt_mask: torch.Tensor,
+                examples: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One adapter for every row: compute and keep the vectors and multipliers (per example
+        of a packed batch)."""
+        self.vectors = self(name, hidden, prompt_mask, examples)
         self.scales = self.multipliers(name, self.vectors)
 
     def prefill_per_request(self, rows: RequestRows, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> None:
@@ -125,15 +135,21 @@ class ParaRuntime:
         self.active: str | None = None
         self.route: RequestRows | None = None  # a mixed-tenant batch: one adapter per row
         self.prompt_mask: torch.Tensor | None = None  # as given to set_prompt_mask
+        self.segment_ids: torch.Tensor | None = None  # a packed batch's, as given to set_prompt_mask
         self.forward_mask: torch.Tensor | None = None  # fitted to the current forward's batch
+        # A packed forward: where each example's prompt sits (pooling.by_example), and each
+        # token's example (flattened rows), which picks the token's multiplier.
+        self.examples: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.token_example: torch.Tensor | None = None
         self.prefill = False
+        self.rows = 0  # sequences in the current forward
         self.length = 0  # tokens per sequence in the current forward
         self.generators: list[ParaGenerator] = []
         self.hooked: set[int] = set()  # ids of modules that already carry our hooks
 
-    def set_prompt_mask(self, mask: torch.Tensor | None) -> None:
-        self.prompt_mask = mask
-        self.forward_mask = None
+    def set_prompt_mask(self, mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> None:
+        self.prompt_mask, self.segment_ids = mask, segment_ids
+        self.forward_mask = self.examples = self.token_example = None
         for generator in self.generators:  # vectors belong to the previous prompts
             generator.vectors = generator.scales = None
 
@@ -153,7 +169,7 @@ class ParaRuntime:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.prefill = past == 0
-        self.length = inputs.shape[1]
+        self.rows, self.length = inputs.shape[0], inputs.shape[1]
         if not self.prefill:
             return  # a decode step: the layers reuse the vectors of the prefill
         mask = self.prompt_mask
@@ -161,6 +177,9 @@ class ParaRuntime:
             raise RuntimeError(
                 "PARA needs to know the prompt: call adapter.set_prompt_mask(prompt_mask) before the forward"
             )
+        if self.segment_ids is not None:
+            self.fit_packed(mask, inputs)
+            return
         batch, seq = inputs.shape[0], inputs.shape[1]
         if self.route is not None:
             self.route.check_batch(batch)
@@ -183,6 +202,22 @@ class ParaRuntime:
         check_mask(mask)
         self.forward_mask = mask
 
+    def fit_packed(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
+        """A packed batch (a training layout: the mask and segments cover the input exactly): find
+        each example's prompt once per forward, for every layer."""
+        segments = self.segment_ids
+        if self.route is not None:
+            raise RuntimeError("PARA serves mixed-tenant batches one example per row; packed batches are for training")
+        if tuple(mask.shape) != tuple(inputs.shape[:2]) or tuple(segments.shape) != tuple(mask.shape):
+            raise RuntimeError(
+                f"a packed batch's prompt mask {tuple(mask.shape)} and segment ids {tuple(segments.shape)} must "
+                f"have the input's shape {tuple(inputs.shape[:2])}; set those of this batch"
+            )
+        mask, segments = mask.to(inputs.device), segments.to(inputs.device)
+        self.forward_mask = mask
+        self.examples = by_example(mask, segments)
+        self.token_example = segments.clamp(min=0).flatten()  # padding: example 0's (no loss, unseen)
+
     def before_layer(self, generator: ParaGenerator, args: tuple, kwargs: dict) -> None:
         if not self.applies():
             return
@@ -192,7 +227,7 @@ class ParaRuntime:
             if name is None:
                 generator.prefill_per_request(self.route, hidden, self.forward_mask)
             elif name in generator.down:
-                generator.prefill(name, hidden, self.forward_mask)
+                generator.prefill(name, hidden, self.forward_mask, self.examples)
             else:
                 generator.vectors, generator.scales = None, {}
         elif generator.scales is None:
@@ -207,6 +242,8 @@ class ParaRuntime:
         scale = generator.scales.get(path) if generator.scales is not None else None
         if scale is None:
             return output
+        if self.token_example is not None:
+            return self.scale_packed(output, scale)
         if output.dim() == 2 and output.shape[0] == scale.shape[0] * self.length != scale.shape[0]:
             # OPT runs its MLP on the tokens flattened to (batch * length, width), row by row.
             scale = scale.repeat_interleave(self.length, dim=0)
@@ -217,6 +254,13 @@ class ParaRuntime:
             )
         shape = (output.shape[0],) + (1,) * (output.dim() - 2) + (output.shape[-1],)
         return output * scale.view(shape).to(output.dtype)
+
+    def scale_packed(self, output: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Each token's output times its own example's multiplier ((examples, out) -> per token)."""
+        per_token = scale.index_select(0, self.token_example)  # (rows * length, out)
+        if output.dim() == 2:  # OPT's MLP: the tokens flattened already
+            return output * per_token.to(output.dtype)
+        return output * per_token.view(self.rows, self.length, -1).to(output.dtype)
 
 
 def _runtime(model: nn.Module) -> ParaRuntime:

@@ -25,6 +25,10 @@ child per decoder layer, which holds the trainable tensors):
 * at a decode step the kept multipliers are reused: no generator runs, only the multiplies;
 * a forward hook on each targeted projection multiplies its output by its multiplier.
 
+A packed training batch (several examples per row, `set_prompt_mask(prompt_mask, segment_ids)`)
+pools each example over its own prompt tokens (pooling.by_example) into one vector per example,
+and each token's outputs are scaled by its own example's multiplier.
+
 Generator tensors live in ParameterDicts keyed by adapter name, so several PARA adapters can sit
 on one backbone: one active for every row, or one per row of a mixed-tenant batch
 (`ParaAdapter.routing`: each row's vectors come from its own adapter's generator at prefill).
@@ -76,8 +80,10 @@ class ParaAdapter(Adapter):
     def target_modules(self) -> list[str]:
         return self._target_modules
 
-    def set_prompt_mask(self, prompt_mask: torch.Tensor | None) -> None:
-        self.runtime.set_prompt_mask(prompt_mask)
+    def set_prompt_mask(self, prompt_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None) -> None:
+        """A packed batch (`segment_ids`): each example's vectors come from its own prompt and
+        scale its own tokens only."""
+        self.runtime.set_prompt_mask(prompt_mask, segment_ids)
 
     def vectors(self) -> dict[str, torch.Tensor | None]:
         """The vectors of the last prefill, per decoder layer (for inspection and tests)."""
