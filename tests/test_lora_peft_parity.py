@@ -155,3 +155,60 @@ def test_merge_refuses_a_layer_with_another_adapter():
     with pytest.raises(ValueError, match="second"):
         merge_into_backbone(adapter, model)
     assert all(not layer.merged for layer in adapter.layers.values())  # nothing was changed
+
+
+# ------------------------------------------------------------------ the fused and shared products
+@pytest.mark.parametrize("case", ["llama-all-linear", "gpt2-conv1d"])
+def test_loss_and_gradients_match_peft(case):
+    """One fused product-and-add per layer, one rank product per group of layers reading the
+    same input (q/k/v, gate/up): the loss and every A and B gradient are PEFT's, within fp32
+    rounding."""
+    from peftrun.loss import labelled_loss_sum
+
+    model_name, targets, peft_targets, rslora = CASES[case]
+    model, tokenizer, adapter = ours(model_name, targets, rslora)
+    backbone, _ = tiny_model(model_name)
+    peft_model = peft.get_peft_model(backbone, peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=peft_targets, fan_in_fan_out=model_name == "tiny_gpt2",
+        task_type="CAUSAL_LM"))
+    layers = peft_lora_layers(peft_model)
+    with torch.no_grad():
+        for name, layer in adapter.layers.items():
+            layers[name].lora_A["default"].weight.copy_(layer.lora_A[adapter.name])
+            layers[name].lora_B["default"].weight.copy_(layer.lora_B[adapter.name])
+    batch = toy_batch(tokenizer)
+    adapter.set_prompt_mask(batch["prompt_mask"])
+    loss = labelled_loss_sum(model, batch)
+    loss.backward()
+    peft_loss = labelled_loss_sum(peft_model, batch)
+    peft_loss.backward()
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-5)
+    for name, layer in adapter.layers.items():
+        for ours_p, theirs in ((layer.lora_A[adapter.name], layers[name].lora_A["default"].weight),
+                               (layer.lora_B[adapter.name], layers[name].lora_B["default"].weight)):
+            assert ours_p.grad.abs().sum() > 0
+            torch.testing.assert_close(ours_p.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_layers_reading_one_input_share_one_rank_product(monkeypatch):
+    """On Llama, q/k/v share one rank product and gate/up another: 4 products per decoder layer
+    (qkv, o, gate+up, down) instead of 7; with dropout in training each layer draws its own mask."""
+    from peftrun.methods.common import wrapper
+    from peftrun.methods.lora import input_groups, layer as lora_layer
+
+    calls = []
+    product = wrapper.rank_product
+    counted = lambda A, x: calls.append(A.shape[0]) or product(A, x)  # noqa: E731
+    for module in (input_groups, lora_layer):
+        monkeypatch.setattr(module, "rank_product", counted)
+    model, tokenizer, adapter = ours("tiny", "all-linear")
+    batch = toy_batch(tokenizer)
+    logits(model, batch)
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted([12, 4, 8, 4] * layers)  # ranks: q+k+v, o, gate+up, down (r=4)
+    calls.clear()
+    dropout_model, _ = tiny_model("tiny")
+    cfg = compose_config("method=lora", "method.r=4", "method.targets=all-linear", "method.dropout=0.1")
+    LoraMethod(cfg.method).attach(dropout_model).model.train()
+    dropout_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert calls == [4] * 7 * layers

@@ -2,19 +2,23 @@
 zero) and the scale s: out = W x + s * B A x. Per-module tensors live in ParameterDicts keyed by
 adapter name, so several adapters can sit on one backbone without changing the module layout.
 
-A mixed-tenant batch gathers each row's A and B once per batch and applies them with two batched
-products: the cost does not grow with the number of tenants. ALoRA adds a 0/1 gate per rank."""
+The update is one rank product (shared by the layers reading the same input: input_groups.py)
+and one fused product-and-add into the frozen output (common/wrapper.py's add_low_rank). ALoRA
+adds a 0/1 gate per rank: only the open ranks are computed (gates are 0 or 1, so the result is
+the gated one). A mixed-tenant batch gathers each row's A and s B once per batch and applies them
+with two batched products, the second adding into the output: the cost does not grow with the
+number of tenants."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..common.routing import RequestRows
-from ..common.wrapper import WrapperLayer
+from ..common.wrapper import WrapperLayer, add_low_rank, rank_product
+from .input_groups import InputGroup
 
 
 class LoraLinear(WrapperLayer):
@@ -31,9 +35,11 @@ class LoraLinear(WrapperLayer):
         self.ablation_gate: torch.Tensor | None = None
         self.ablation_closed = False  # ablation_gate is all zero
         self.ablation_slots: torch.Tensor | None = None  # columns of ablation_gate: these slots
-        # Each row's (A, B, scale) of a mixed-tenant batch, gathered at its first forward.
-        self._routed: tuple[RequestRows, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Each row's (A, s B) of a mixed-tenant batch, gathered at its first forward.
+        self._routed: tuple[RequestRows, torch.Tensor, torch.Tensor] | None = None
         self.scaling: dict[str, float] = {}
+        self.input_group: InputGroup | None = None  # the layers reading this one's input (input_groups.py)
+        self._open: dict[str, tuple[tuple, torch.Tensor | None]] = {}  # name -> (gate's identity, open slots)
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
         weight = self.base_weight()
@@ -54,6 +60,7 @@ class LoraLinear(WrapperLayer):
         gate = torch.zeros(self.lora_A[name].shape[0], device=self.lora_A[name].device)
         gate[:live] = 1.0
         self.lora_gate[name] = nn.Parameter(gate, requires_grad=False)
+        self._open.pop(name, None)
 
     def free_slots(self, name: str) -> list[int]:
         """Closed rank slots, in the order new ranks take them."""
@@ -71,57 +78,91 @@ class LoraLinear(WrapperLayer):
             A = A * self.lora_gate[name][:, None]
         return (self.lora_B[name] @ A) * self.scaling[name]
 
-    def _gated(self, h: torch.Tensor, name: str) -> torch.Tensor:
-        if self.ablation_gate is not None:
-            k = self.ablation_gate.shape[0]
-            return (h.unflatten(0, (k, -1)) * self.ablation_gate.view(k, 1, *([1] * (h.dim() - 2)), -1)).flatten(0, 1)
-        if name in self.lora_gate:
-            return h * self.lora_gate[name]
-        return h
+    # ------------------------------------------------------------------ one adapter for every row
+    def open_slots(self, name: str) -> torch.Tensor | None:
+        """The open rank slots of a gated adapter (None: every slot, or no gate). Cached while
+        the gate is unchanged: the schedule, loads and copies change it in place, which bumps
+        its version (writing through `.data` would not: do not)."""
+        gate = self.lora_gate[name] if name in self.lora_gate else None
+        if gate is None:
+            return None
+        key = (id(gate), gate._version, gate.device)
+        cached = self._open.get(name)
+        if cached is None or cached[0] != key:
+            slots = torch.nonzero(gate).flatten()
+            cached = self._open[name] = (key, None if slots.numel() == gate.numel() else slots)
+        return cached[1]
 
-    def update(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s B) of adapter `name` on its open ranks. With none open they have no rank, yet
+        stay in the graph: every parameter gets its (zero) gradient, as DDP expects."""
         A, B = self.lora_A[name], self.lora_B[name]
-        if self.ablation_gate is not None:
-            if self.ablation_closed:
-                return None  # every stacked copy has this module's ranks closed
-            A, B = A[self.ablation_slots], B[:, self.ablation_slots]  # the slots open in some copy
-        h = self.lora_dropout[name](x).to(A.dtype)
-        return F.linear(self._gated(F.linear(h, A), name), B) * self.scaling[name]
+        slots = self.open_slots(name)
+        if slots is not None:
+            A, B = A.index_select(0, slots), B.index_select(1, slots)
+        return A, B * self.scaling[name]
 
-    def per_request(self, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter: x_i A_i^T, then B_i, as two batched products
-        over rows (inference only: dropout off, no gradient to the adapters)."""
+    def shares_input(self, name: str) -> bool:
+        """Whether this layer's rank product for `name` may come from its input group's: the
+        adapter applies to every row here, and no dropout draws a mask of its own."""
+        if self.ablation_gate is not None or self.plain_adapter() != name or self.mixed_batch():
+            return False
+        return not (self.training and isinstance(self.lora_dropout[name], nn.Dropout))
+
+    def add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.ablation_gate is not None:
+            return self._add_ablations(out, x, name)
+        if self.input_group is not None and self.shares_input(name):
+            hT, B = self.input_group.product(self, x, name)
+        else:
+            A, B = self.factors(name)
+            hT = rank_product(A, self.lora_dropout[name](x))
+        return add_low_rank(out, hT, B.t().contiguous())
+
+    def _add_ablations(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """ALoRA's scoring: the batch is K stacked copies, copy k gated by `ablation_gate` row k
+        (over `ablation_slots`, the slots open in some copy)."""
+        if self.ablation_closed:
+            return out  # every stacked copy has this module's ranks closed
+        slots = self.ablation_slots
+        A, B = self.lora_A[name][slots], self.lora_B[name][:, slots] * self.scaling[name]
+        k = self.ablation_gate.shape[0]
+        hT = rank_product(A, x).unflatten(1, (k, -1)) * self.ablation_gate.t()[:, :, None]
+        return add_low_rank(out, hT.flatten(1), B.t().contiguous())
+
+    # ------------------------------------------------------------------ a mixed-tenant batch
+    def add_per_request(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row through its own adapter: x_i A_i^T, then added through s_i B_i, as two
+        batched products over rows (inference only: dropout off, no gradient to the adapters)."""
         rows = self.route.rows
         rows.check_batch(x.shape[0])
         if self._routed is None or self._routed[0] is not rows:
             self._routed = (rows, *self._gather(rows, x.device))
-        _, A, B, scale = self._routed
+        _, A, B = self._routed
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
-        delta = torch.bmm(torch.bmm(flat, A.mT), B.mT) * scale
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        h = torch.bmm(flat, A.mT)
+        out3d = out.reshape(x.shape[0], -1, self.out_features)
+        if out.dtype == A.dtype:
+            return torch.baddbmm(out3d, h, B.mT).view(out.shape)
+        return (out3d + torch.bmm(h, B.mT).to(out.dtype)).view(out.shape)
 
     def end_route(self) -> None:
         self.route, self._routed = None, None
 
     @torch.no_grad()
-    def _gather(self, rows: RequestRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's A (batch, r, in) with its gate folded in, B (batch, out, r) and scale
-        (batch, 1, 1): the tenants stacked behind a zero slot (the backbone's rows, and tenants
-        that do not adapt this layer), ranks zero-padded to the largest, then indexed per row."""
+    def _gather(self, rows: RequestRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A (batch, r, in) on its open ranks and s B (batch, out, r): the tenants
+        stacked behind a zero slot (the backbone's rows, and tenants that do not adapt this
+        layer), ranks zero-padded to the largest, then indexed per row."""
         tenants = [n if n in self.lora_A else None for n in rows.tenants]
-        r = max([self.lora_A[n].shape[0] for n in tenants if n is not None], default=1)
+        factors = [self.factors(n) if n is not None else None for n in tenants]
+        r = max([f[0].shape[0] for f in factors if f is not None], default=1)
         dtype = next((self.lora_A[n].dtype for n in tenants if n is not None), torch.float32)
         A = torch.zeros(len(tenants) + 1, r, self.in_features, device=device, dtype=dtype)
         B = torch.zeros(len(tenants) + 1, self.out_features, r, device=device, dtype=dtype)
-        scale = torch.zeros(len(tenants) + 1, device=device, dtype=dtype)
-        for slot, name in enumerate(tenants, start=1):
-            if name is None:
-                continue
-            a = self.lora_A[name]
-            if name in self.lora_gate:
-                a = a * self.lora_gate[name][:, None]  # 0/1 per rank: exact either way
-            A[slot, : a.shape[0]] = a
-            B[slot, :, : a.shape[0]] = self.lora_B[name]
-            scale[slot] = self.scaling[name]
+        for slot, f in enumerate(factors, start=1):
+            if f is not None:  # A tenant with no open rank here adds zeros
+                A[slot, : f[0].shape[0]] = f[0]
+                B[slot, :, : f[0].shape[0]] = f[1]
         slot = rows.slot.to(device)
-        return A.index_select(0, slot), B.index_select(0, slot), scale.index_select(0, slot).view(-1, 1, 1)
+        return A.index_select(0, slot), B.index_select(0, slot)

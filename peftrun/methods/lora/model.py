@@ -17,6 +17,7 @@ from ..common.wrapper import wrap_targets
 from ..registry import register_method
 from .config import LoraConfig
 from . import experts  # noqa: F401  (LoraLinear's layer on stacked expert weights)
+from .input_groups import link_input_groups
 from .layer import LoraLinear
 
 
@@ -48,6 +49,11 @@ class LoraAdapter(Adapter):
         config = lora_peft_config(self.model, self.layers, c.r, c.alpha, c.dropout, use_rslora=bool(c.use_rslora),
                                   init_lora_weights="gaussian" if c.init == "gaussian" else True)
         return config, lora_peft_tensors(self.peft_factors())
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        model = super().unload(model)
+        link_input_groups(model, LoraLinear)  # no group may name a layer taken out
+        return model
 
 
 @register_method
@@ -85,6 +91,7 @@ class LoraMethod(Method):
         freeze(model)
         for layer in layers.values():
             layer.add_adapter(adapter_name, r, self.scaling(), self.cfg.dropout, self.cfg.init)
+        link_input_groups(model, LoraLinear)
         return layers
 
     def attach(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> LoraAdapter:

@@ -1,5 +1,6 @@
-"""Tied-LoRA's modules: a layer's block computes v * (B (u * (A x))) once for a group (q, k and v
-read one input) and each wrapped member adds its slice; A and B may be one Parameter shared by
+"""Tied-LoRA's modules: a layer's block computes the rank product u * (A x) once for a group (q, k
+and v read one input) and each wrapped member adds its slice of v * B times it, in one fused
+product-and-add (common/wrapper.py); A and B may be one Parameter shared by
 every layer's block (tied). A mixed-tenant batch gathers each row's tensors once per batch (a
 tied tensor once for every layer) and applies them with batched products."""
 
@@ -12,15 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.routing import RequestRows, Route
-from ..common.wrapper import WrapperLayer
+from ..common.wrapper import WrapperLayer, add_low_rank, rank_product
 
 
 class TiedLoraBlock(nn.Module):
     """One layer's update on one group: v * (B (u * (A x))). A and B may be the same Parameter
     objects in every layer's block (tied); u and v are this layer's own.
 
-    The members of a group (q, k, v) read the same input tensor, so the update is computed once
-    and each member takes its slice; the cache is keyed by the input tensor itself."""
+    The members of a group (q, k, v) read the same input tensor, so the rank product is computed
+    once and each member applies its slice of v * B; the cache is keyed by the input tensor itself."""
 
     def __init__(self, A: nn.Parameter, B: nn.Parameter, u: nn.Parameter, v: nn.Parameter,
                  dropout: float, num_members: int):
@@ -35,25 +36,28 @@ class TiedLoraBlock(nn.Module):
         """This layer's plain-LoRA factors (A' = u*A, B' = v*B)."""
         return self.u[:, None] * self.A, self.v[:, None] * self.B
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """u * (A x) as (r, tokens), computed once for the group's members."""
         cache = self._cache
         version = 0 if x.is_inference() else x._version  # inference tensors have no counter
         if cache is not None and cache[0] is x and cache[1] == version:
-            z = cache[2]
+            hT = cache[2]
             self._uses += 1
         else:
-            z = self.compute(x)
-            self._cache, self._uses = (x, version, z), 1
+            hT = self.compute(x)
+            self._cache, self._uses = (x, version, hT), 1
         if self._uses >= self.num_members:
             self._cache = None  # every member took its slice: hold no activations
-        return z
+        return hT
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.A.dtype)
         if self.dropout > 0:
-            h = F.dropout(h, self.dropout, self.training)
-        return F.linear(F.linear(h, self.A) * self.u, self.B) * self.v
+            x = F.dropout(x.to(self.A.dtype), self.dropout, self.training)
+        return rank_product(self.u[:, None] * self.A, x)
 
+    def up(self, start: int, end: int) -> torch.Tensor:
+        """(v * B) on output columns [start, end), transposed: add_low_rank's Bt."""
+        return (self.v[start:end, None] * self.B[start:end]).t().contiguous()
 
 
 class TiedRouting(Route):
@@ -117,11 +121,11 @@ class TiedLoraLinear(WrapperLayer):
         self.slices[name] = (start, start + self.out_features)
         self.active_adapter = name
 
-    def update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        start, end = self.slices[name]
-        return self.tied_lora[name].update(x)[..., start:end]
+    def add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        block = self.tied_lora[name]
+        return add_low_rank(out, block.product(x), block.up(*self.slices[name]))
 
-    def per_request(self, x: torch.Tensor) -> torch.Tensor:
+    def add_per_request(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """v_i * (B_i (u_i * (A_i x))) for each row i with its own adapter's tensors (this
         module's slice of B and v), as batched products (inference only: no dropout)."""
         route = self.route
@@ -130,10 +134,10 @@ class TiedLoraLinear(WrapperLayer):
             self._routed = (route, self._gather(route, x.device))
         factors = self._routed[1]
         if factors is None:  # no tenant of this batch adapts this module
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+            return out
         A, u, B, v = factors
         delta = torch.bmm(route.product(x, A, u), B.mT) * v[:, None, :]
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        return out + delta.reshape(out.shape).to(out.dtype)
 
     def end_route(self) -> None:
         self.route, self._routed = None, None
