@@ -99,7 +99,10 @@ def add_low_rank(out: torch.Tensor, hT: torch.Tensor, Bt: torch.Tensor) -> torch
     bf16 backbone with fp32 adapters) gets the update computed in the product's dtype, then cast."""
     out2d = out.reshape(-1, out.shape[-1])
     if out.dtype == hT.dtype or torch.is_autocast_enabled(out.device.type):
-        return torch.addmm(out2d, hT.t(), Bt).view(out.shape)
+        # in place where autograd records neither (generation): `out` is the frozen layer's fresh output
+        recorded = out.requires_grad or hT.requires_grad or Bt.requires_grad
+        add = torch.Tensor.addmm_ if not recorded and out.dtype == hT.dtype == Bt.dtype else torch.addmm
+        return add(out2d, hT.t(), Bt).view(out.shape)
     return (out2d + (hT.t() @ Bt).to(out.dtype)).view(out.shape)
 
 

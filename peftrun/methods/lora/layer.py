@@ -35,7 +35,7 @@ class LoraLinear(WrapperLayer):
         self.ablation_gate: torch.Tensor | None = None
         self.ablation_closed = False  # ablation_gate is all zero
         self.ablation_slots: torch.Tensor | None = None  # columns of ablation_gate: these slots
-        # Each row's (A, s B) of a mixed-tenant batch, gathered at its first forward.
+        # Each row's (A, (s B)^T) of a mixed-tenant batch, gathered at its first forward.
         self._routed: tuple[RequestRows, torch.Tensor, torch.Tensor] | None = None
         self.scaling: dict[str, float] = {}
         self.input_group: InputGroup | None = None  # the layers reading this one's input (input_groups.py)
@@ -132,26 +132,30 @@ class LoraLinear(WrapperLayer):
 
     # ------------------------------------------------------------------ a mixed-tenant batch
     def add_per_request(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter: x_i A_i^T, then added through s_i B_i, as two
-        batched products over rows (inference only: dropout off, no gradient to the adapters)."""
+        """Each batch row through its own adapter: A_i x_i, then added through s_i B_i, as two
+        batched products over rows (inference only: dropout off, no gradient to the adapters).
+        The rank product is kept as (r, tokens) per row, as on the single-adapter path: on CPUs
+        about twice as fast as (tokens, r)."""
         rows = self.route.rows
         rows.check_batch(x.shape[0])
         if self._routed is None or self._routed[0] is not rows:
             self._routed = (rows, *self._gather(rows, x.device))
-        _, A, B = self._routed
+        _, A, Bt = self._routed
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
-        h = torch.bmm(flat, A.mT)
+        hT = torch.bmm(A, flat.mT)  # (batch, r, tokens)
         out3d = out.reshape(x.shape[0], -1, self.out_features)
         if out.dtype == A.dtype:
-            return torch.baddbmm(out3d, h, B.mT).view(out.shape)
-        return (out3d + torch.bmm(h, B.mT).to(out.dtype)).view(out.shape)
+            # in place where nothing records it (generation): the frozen layer's fresh output
+            add = torch.baddbmm if out.requires_grad else torch.Tensor.baddbmm_
+            return add(out3d, hT.mT, Bt).view(out.shape)
+        return (out3d + torch.bmm(hT.mT, Bt).to(out.dtype)).view(out.shape)
 
     def end_route(self) -> None:
         self.route, self._routed = None, None
 
     @torch.no_grad()
     def _gather(self, rows: RequestRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A (batch, r, in) on its open ranks and s B (batch, out, r): the tenants
+        """Each row's A (batch, r, in) on its open ranks and (s B)^T (batch, r, out): the tenants
         stacked behind a zero slot (the backbone's rows, and tenants that do not adapt this
         layer), ranks zero-padded to the largest, then indexed per row."""
         tenants = [n if n in self.lora_A else None for n in rows.tenants]
@@ -165,4 +169,4 @@ class LoraLinear(WrapperLayer):
                 A[slot, : f[0].shape[0]] = f[0]
                 B[slot, :, : f[0].shape[0]] = f[1]
         slot = rows.slot.to(device)
-        return A.index_select(0, slot), B.index_select(0, slot)
+        return A.index_select(0, slot), B.index_select(0, slot).mT.contiguous()
