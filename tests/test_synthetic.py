@@ -240,17 +240,26 @@ def test_missing_local_folder_is_named_before_any_load(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_smoke_writes_the_table_and_plot(tmp_path):
-    # A throwaway backbone, 2 steps per run, every default method and task, two worker processes.
+    # A throwaway backbone, 4 steps per run, every default method and task, two worker processes.
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--smoke"],
                        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "smoke: wrote ['quality.md', 'quality.png']" in r.stdout
-    for task in SYNTH:
-        assert f"## {task}" in r.stdout
+    written = ["quality_curves.md", *(f"quality_{task}.png" for task in sorted(SYNTH))]
+    assert f"smoke: wrote {written}" in r.stdout
     lines = r.stdout.splitlines()
-    for label in ("backbone, no adapter (zero-shot)", "lora", "tied_lora tl6", "tied_lora tl5", "alora", "para",
-                  "iapt"):
-        assert sum(line.startswith(f"| {label} |") for line in lines) == len(SYNTH), label
+    for task in SYNTH:
+        assert f"**{task}** (dev {'exact_match' if task == 'synth_qa' else 'accuracy'})" in lines
+        assert f"![{task}: dev" in r.stdout and f"quality_{task}.png)" in r.stdout
+    heads = [line for line in lines if line.startswith("| method | knob | trainable | lr | final ")]
+    assert len(heads) == len(SYNTH) and all("steps to 90% | train s to 90% | last-quarter gain |" in h for h in heads)
+    for label in ("backbone, no adapter (zero-shot)", "lora", "tied_lora tl6", "tied_lora tl5", "tied_lora tl6 r=8",
+                  "alora", "para", "iapt"):
+        rows = [line for line in lines if line.startswith(f"| {label} |")]
+        assert len(rows) == len(SYNTH), label
+        assert [row.count("|") for row in rows] == [head.count("|") for head in heads], rows  # tasks in order
+    assert sum(line.startswith("Threshold: 90% of the best final ") or line.startswith("No threshold: ")
+               for line in lines) == len(SYNTH)
+    assert "bench_quality.py: wrote quality-backbone, quality-curves, machine into" in r.stderr
     assert list(tmp_path.iterdir()) == []  # the smoke run writes into a temporary folder only
 
 
@@ -269,28 +278,33 @@ def test_quality_benchmark_learning_rate_sweep_smoke(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quality_benchmark_runs_one_thread_in_process_too(monkeypatch, tmp_path):
-    # The thread count moves float rounding, so `--workers 1` must run as the workers do.
-    import peftrun.train.loop
-
-    bench = script_module("bench_quality")
-    monkeypatch.setattr(peftrun.train.loop, "train", lambda cfg, run_dir: {"threads": torch.get_num_threads()})
-    args = bench.parse_args(["--workers", "1"])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        runs = list(bench.run_all(args, [("synth_qa", "lora", 0, 1e-2), ("synth_qa", "lora", 1, 1e-2)],
-                                  {"lora": (4, 0)}, tmp_path, []))
-        assert [s["threads"] for _, s in runs] == [1, 1]
-        assert torch.get_num_threads() == 2  # restored afterwards
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("bad", [["--sweep-lr", "1e-3,x"], ["--lr", "lora"], ["--lr", "lorra=1e-3"], ["--seeds", "a"],
-                                 ["--eval-every", "-1"]])
+                                 ["--evals", "0"], ["--methods", "lora,lorra"]])
 def test_quality_benchmark_refuses_malformed_arguments_in_one_line(bad):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), *bad],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("bench_quality.py: error: --")
+
+
+@pytest.mark.parametrize("bad", [["--tasks", "synth_qa,squad"], ["--methods", "lorra"], ["--seeds", "0,x"],
+                                 ["--lr", "lora=fast"]])
+def test_smollm2_quality_benchmark_refuses_malformed_arguments_in_one_line(bad):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality_smollm2.py"), *bad],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("bench_quality_smollm2.py: error: --")
+
+
+def test_smollm2_quality_benchmark_without_the_model_names_make_smollm2(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("untouched")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality_smollm2.py"), "--folder",
+                        str(tmp_path / "smollm2_135m"), "--doc", str(doc), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("bench_quality_smollm2.py: error: ") and "`make smollm2`" in lines[0]
+    assert str(tmp_path / "smollm2_135m") in lines[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"] and doc.read_text() == "untouched"
