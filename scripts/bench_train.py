@@ -1,5 +1,10 @@
 """Training cost per method against references measured in the same run: the frozen backbone's
-forward + backward (the floor) and Hugging Face PEFT's LoRA at the same rank.
+forward + backward (the floor) and Hugging Face PEFT's LoRA at the same rank; on a small random
+Llama (`--hidden`, `--layers`, every token labelled) and on SmolLM2-135M's shape (30 layers, hidden
+576, 9/3 heads, vocab 49,152: its real weights from models/smollm2_135m when that folder is there,
+`make smollm2`, else the same shape randomly initialised; the table says which), one torch thread,
+batch 4 x 128 tokens with labels on the last 32 (the LM head only there), and at 512 tokens for
+the backbone, LoRA and IAPT.
 
 Each configuration runs in its own process (peak memory is a per-process high-water mark):
 warm-up steps, then the median of timed optimizer steps (forward, backward, AdamW) on one
@@ -44,6 +49,41 @@ CONFIGS = {
     "para bottleneck 12": ("method=para", "method.bottleneck=12"),
     "iapt bottleneck 64": ("method=iapt", "method.bottleneck=64"),
 }
+
+
+# SmolLM2-shape rows: name -> (method overrides as in CONFIGS, tokens per row)
+SMOLLM2_CONFIGS = {
+    **{name: (spec, 128) for name, spec in CONFIGS.items()},
+    "backbone (frozen, fwd+bwd), 512 tokens": (None, 512),
+    "lora r=8, 512 tokens": (("method=lora", "method.r=8"), 512),
+    "iapt bottleneck 64, 512 tokens": (("method=iapt", "method.bottleneck=64"), 512),
+}
+SMOLLM2 = {"batch": 4, "labelled": 32, "threads": 1}
+SMOLLM2_FOLDER = ROOT / "models" / "smollm2_135m"
+
+
+def smollm2_model():
+    """(model, tokenizer, what it is): SmolLM2-135M from its converted folder when present, else a
+    Llama of the same shape, randomly initialised (seed 0), with the offline tokenizer (its ids
+    fit the 49,152-row embedding; the cost does not depend on which ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from peftrun.models import build_model, load_tokenizer, offline_tokenizer
+
+    if (SMOLLM2_FOLDER / "config.json").exists():
+        cfg = compose(["model=smollm2_135m", f"model.name_or_path={SMOLLM2_FOLDER}"])
+        tokenizer = load_tokenizer(cfg.model)
+        return build_model(cfg.model, tokenizer), tokenizer, "SmolLM2-135M (its converted weights)"
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer = offline_tokenizer()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, "SmolLM2-135M's shape, randomly initialised (no models/smollm2_135m)"
 
 
 def compose(overrides):
@@ -120,6 +160,78 @@ def measure(name: str, args) -> dict:
             "trainable": sum(p.numel() for p in params) if spec is not None else 0}
 
 
+def measure_smollm2(name: str, args) -> dict:
+    """One SmolLM2-shape configuration, in this process, one thread: seconds per optimizer step
+    on batch 4 x (128 or 512) random ids, the loss on the last 32 tokens of each row, the LM head
+    at those positions only (peftrun's training loss; PEFT's model gets the same call)."""
+    import torch
+
+    from peftrun.loss import keeps_logits, labelled_loss_sum
+    from peftrun.methods import build_method
+
+    torch.set_num_threads(SMOLLM2["threads"])
+    torch.manual_seed(0)
+    spec, seq = SMOLLM2_CONFIGS[name]
+    model, tokenizer, built = smollm2_model()
+    kept = keeps_logits(model)
+    ids = torch.randint(4, len(tokenizer), (SMOLLM2["batch"], seq))
+    labels = torch.full_like(ids, -100)
+    labels[:, -SMOLLM2["labelled"]:] = ids[:, -SMOLLM2["labelled"]:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    prompt_mask = (labels == -100).long()  # PARA and IAPT read the prompt: all but the labelled tail
+    adapter = None
+    if spec is None:
+        # Backward through every block from the embeddings' output, no weight gradient: SmolLM2
+        # ties its LM head to the embeddings, whose 28M-float gradient would inflate the floor.
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        params = []
+    elif spec == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                           lora_dropout=0.0))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        adapter = build_method(compose(list(spec)).method).attach(model)
+        params = [p for _, p in adapter.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    model.train()
+    n = int((labels[:, 1:] != -100).sum())
+
+    def step() -> float:
+        start = time.perf_counter()
+        if adapter is not None:
+            adapter.set_prompt_mask(prompt_mask)
+        (labelled_loss_sum(model, batch, kept) / n).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    return {"name": name, "seconds": statistics.median(times), "built": built, "seq": seq,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def smollm2_table(rows: list[dict], args) -> list[str]:
+    """Each row against the backbone and PEFT's LoRA at its own length (PEFT: at 128 only)."""
+    floor = {r["seq"]: r["seconds"] for r in rows if r["name"].startswith("backbone")}
+    peft_s = next(r["seconds"] for r in rows if r["name"] == "peft lora r=8")
+    lines = [f"{rows[0]['built']}, batch {SMOLLM2['batch']} x 128 tokens (and 512 where named), labels on the "
+             f"last {SMOLLM2['labelled']}, fp32, {SMOLLM2['threads']} torch thread; median of {args.steps} steps "
+             f"after {args.warmup} warm-up steps, each configuration in its own process.", "",
+             "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs_peft = f"{r['seconds'] / peft_s:.2f}" if r["seq"] == 128 else "-"
+        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / floor[r['seq']]:.2f} | "
+                     f"{vs_peft} | {r['peak_rss_mib']:.0f} |")
+    return lines
+
+
 # Whole runs of the toy task (2,000 training examples), LoRA against ALoRA with its rounds:
 # "dense" packs 8 rounds into 120 steps (a round every 10 steps), the worst case for ALoRA;
 # "paper" is the ALoRA paper's protocol (batch 16 under 10k examples, 10 epochs, K1 = 1 epoch,
@@ -171,7 +283,10 @@ def run_child(kind: str, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--name", name, "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if kind == "smollm2":  # one thread for the libraries below torch too
+        env["OMP_NUM_THREADS"] = str(SMOLLM2["threads"])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{name}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -189,11 +304,15 @@ def main() -> None:
     parser.add_argument("--doc", default=str(benchmarks_doc.DOC), help="the page to write the tables into "
                         "(default: %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
-    parser.add_argument("--child", choices=["step", "run"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-shape rows")
+    parser.add_argument("--child", choices=["step", "run", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "step":
         print(json.dumps(measure(args.name, args)))
+        return
+    if args.child == "smollm2":
+        print(json.dumps(measure_smollm2(args.name, args)))
         return
     if args.child == "run":
         print(json.dumps({"seconds": whole_run(args.name, args)}))
@@ -202,6 +321,7 @@ def main() -> None:
     benchmarks_doc.preflight("bench_train.py", DOC_SECTIONS, doc)
 
     rows = [run_child("step", name, args) for name in CONFIGS]
+    big = [] if args.no_smollm2 else [run_child("smollm2", name, args) for name in SMOLLM2_CONFIGS]
     floor = rows[0]["seconds"]
     peft_s = rows[1]["seconds"]
     runs = {(m, s): run_child("run", f"{m}:{s}", args)["seconds"] for s in WHOLE_RUNS for m in ("lora", "alora")}
@@ -224,7 +344,8 @@ def main() -> None:
     lora, alora = (runs[(m, "paper")] for m in ("lora", "alora"))
     whole += [f"the paper's schedule (batch 16, 10 epochs = 1,250 steps, rounds every 0.25 epoch after the first): "
               f"LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x."]
-    lines += ["", *whole]
+    big_table = smollm2_table(big, args) if big else []
+    lines += ["", *big_table, "", *whole] if big else ["", *whole]
     (out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -233,7 +354,8 @@ def main() -> None:
     # The page names the machine once, at the top: here the setting and the tables only.
     benchmarks_doc.publish("bench_train.py", {
         "train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
-                            f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table]),
+                            f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table,
+                            *(["", *big_table] if big else [])]),
         "train-alora-runs": "\n".join(whole),
     }, doc, DOC_SECTIONS)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import datetime
 import importlib
+import json
 import os
 import re
 import shlex
@@ -20,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 PAGE = ROOT / "docs" / "benchmarks.md"
-BENCH_SCRIPTS = ("bench_train", "bench_alora", "bench_multitenant", "bench_quality", "bench_smollm2")
+BENCH_SCRIPTS = ("bench_train", "bench_alora", "bench_multitenant", "bench_quality", "bench_smollm2",
+                 "bench_packing", "bench_quality_smollm2")
 
 
 def script_module(name: str):
@@ -244,21 +246,22 @@ def check_written(doc: Path, names, command: str, printed: str) -> dict:
 def test_bench_alora_writes_its_table(copy, monkeypatch, capsys):
     bench = script_module("bench_alora")
 
-    class Adapter:
-        def live_ranks(self):
-            return [0, 1, 2]
+    def measure(model, args):
+        row = {"model": model, "built": f"`model={model}`", "open": 112 if model == "tiny" else 1680,
+               "scored": 112, "n_a": 7, "batch": (32, 12), "step_s": 0.01, "exact_s": 0.5 if model == "tiny" else 50.0,
+               "taylor_s": 0.02, "spearman": 0.9, "overlap": 3}
+        if model == "tiny":
+            row.update(naive_s=1.5, diff=2e-6)
+        return row
 
-        def importance_naive(self, batch):
-            return {0: 1.0, 1: 2.0, 2: 3.0}
-
-        def importance(self, batch, ablations_per_forward):
-            return {0: 1.0, 1: 2.0, 2: 3.0 + 1e-7}
-
-    monkeypatch.setattr(bench, "setup", lambda model, dev_batch: (Adapter(), None))
+    monkeypatch.setattr(bench, "measure", measure)
     monkeypatch.setattr(sys, "argv", [str(SCRIPTS / "bench_alora.py"), "--repeats", "1", "--doc", str(copy)])
     bench.main()
     out = capsys.readouterr()
-    assert out.out.startswith("| tiny, 3 open ranks, dev batch 32 | seconds per round |\n|---|---:|\n")
+    assert out.out.startswith("| shape, dev batch 32 | open ranks | LoRA step s | exact round s | in LoRA steps |")
+    assert "| `model=tiny`, 32 x 12 tokens | 112 | 0.010 | 0.50 | 50 | 0.020 | 2.0 | 0.90 | 3 of 7 |" in out.out
+    assert "| 50.00 (timed on 112, scaled) | 5000 |" in out.out
+    assert "| speed-up | 3.0x |" in out.out and "| largest score difference | 2.00e-06 |" in out.out
     assert "bench_alora.py: wrote alora-scoring, machine into" in out.err
     check_written(copy, ["alora-scoring"], shlex.join(["python", "scripts/bench_alora.py", "--repeats", "1", "--doc",
                                                        str(copy)]), out.out)
@@ -270,10 +273,17 @@ def test_bench_alora_writes_its_table(copy, monkeypatch, capsys):
     assert copy.read_bytes() == before and "wrote" not in capsys.readouterr().err
 
 
+def test_bench_alora_spearman_and_sampled_blocks():
+    bench = script_module("bench_alora")
+    assert bench.spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
+    assert bench.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert bench.spearman([1.0, 1.0, 2.0, 3.0], [5.0, 5.0, 6.0, 7.0]) == pytest.approx(1.0)  # ties
+
+
 def test_bench_alora_refuses_a_page_without_markers_before_measuring(tmp_path, monkeypatch, capsys):
     bench = script_module("bench_alora")
     doc = page(tmp_path)
-    monkeypatch.setattr(bench, "setup", lambda *a: pytest.fail("measured before checking the page"))
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured before checking the page"))
     monkeypatch.setattr(sys, "argv", [str(SCRIPTS / "bench_alora.py"), "--doc", str(doc)])
     with pytest.raises(SystemExit) as exit_:
         bench.main()
@@ -288,7 +298,11 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
     def run_child(kind, name, args):
         if kind == "run":
             return {"seconds": 3.0 if name.startswith("alora") else 2.0}
-        return {"name": name, "seconds": 0.1 + 0.01 * len(name), "peak_rss_mib": 500.0, "trainable": 1234}
+        row = {"name": name, "seconds": 0.1 + 0.01 * len(name), "peak_rss_mib": 500.0, "trainable": 1234}
+        if kind == "smollm2":
+            row.update(built="SmolLM2-135M's shape, randomly initialised", seq=512 if "512" in name else 128,
+                       seconds=2.0 if name.startswith("backbone") else 2.5)
+        return row
 
     monkeypatch.setattr(bench, "run_child", run_child)
     monkeypatch.setattr(bench, "bar_chart", lambda *a, **k: None)
@@ -299,6 +313,8 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
     command = shlex.join(["python", "scripts/bench_train.py", *argv])
     after = check_written(copy, ["train", "train-alora-runs"], command, out)
     assert "median of 2 steps after 1 warm-up steps" in after["train"]
+    assert "SmolLM2-135M's shape, randomly initialised, batch 4 x 128 tokens" in after["train"]
+    assert "| iapt bottleneck 64, 512 tokens | 1,234 | 2.500 | 1.25 | - | 500 |" in after["train"]
     assert "= 1.50x;" in after["train-alora-runs"] and "| configuration |" not in after["train-alora-runs"]
     assert (tmp_path / "bench" / "train.md").read_text() == out
 
@@ -317,53 +333,86 @@ def test_bench_multitenant_writes_its_table(copy, tmp_path, monkeypatch, capsys)
     assert "| lora r=8 | 2 | 16 | 50 | 1.00 | 100 | 1.00 |" in after["multitenant"]
 
 
-def fake_quality_runs(bench, monkeypatch):
+def fake_curve(final: float, seconds: float) -> list[dict]:
+    """Two evaluations, at steps 240 and 480 (of synth_sentiment's 480), reaching `final`."""
+    return [{"step": 240, "seconds": seconds / 2, "metric": final - 10, "dev_loss": 0.5},
+            {"step": 480, "seconds": seconds, "metric": final, "dev_loss": 0.4}]
+
+
+def fake_quality_runs(bench, monkeypatch, seen=None):
+    """bench_quality's backbone, budget matching, zero-shot run and training runs faked: run
+    `job` (task, label, seed, lr) reaches 90 + seed (lora) or 70 + seed (others), tests at
+    that, and has dev loss 10 x lr (the sweep picks the lowest rate)."""
+    quality = sys.modules["quality"]
     info = {"args": {"hidden": 32, "layers": 1, "probes": 4}, "parameters": 12345, "tokens": 2048,
             "train_seconds": 6.0, "heldout_loss": {"all": 1.2345}, "heldout_loss_unit": "token",
             "skill_accuracy": {"lookup": 50.0, "copy": 25.0, "story": 0.0}}
     monkeypatch.setattr(bench, "ensure_backbone", lambda args, scratch: ("/nowhere", info))
     monkeypatch.setattr(bench, "count", lambda label, k, overrides: 55296)
     monkeypatch.setattr(bench, "match_budget", lambda label, budget, overrides: (4, 55296))
-    monkeypatch.setattr(bench, "zero_shot", lambda args, task, overrides: {
-        "test_accuracy": 0.5, "primary_metric": "test_accuracy", "wall_seconds": 1.0, "examples": ["x"]})
+    monkeypatch.setattr(bench, "zero_shot", lambda plan, task: {
+        "test_accuracy": 0.5, "primary_metric": "test_accuracy", "wall_seconds": 1.0, "predictions": ["x"]})
 
-    def run_all(args, jobs, sizes, runs_root, overrides):
+    def run_all(plan, jobs, runs_root):
         for job in jobs:
-            yield job, {"test_accuracy": 90.0 + job[2], "dev_loss": job[3] * 10, "train_seconds": 2.0,
-                        "wall_seconds": 2.5}
+            if seen is not None:
+                seen.append((plan, job))
+            final = (90.0 if job[1] == "lora" else 70.0) + job[2]
+            yield job, {"test_accuracy": final, "primary_metric": "test_accuracy", "dev_loss": job[3] * 10,
+                        "train_seconds": 20.0, "wall_seconds": 25.0, "lr": job[3], "curve": fake_curve(final, 20.0)}
 
-    monkeypatch.setattr(bench, "run_all", run_all)
-    monkeypatch.setattr(bench, "plot", lambda *a: (Path(a[-1]) / "quality.png").write_bytes(b""))
+    monkeypatch.setattr(quality.benchmark, "run_all", run_all)
+    monkeypatch.setattr(quality.lr, "run_all", run_all)
 
 
 def test_bench_quality_writes_the_backbone_and_results(copy, tmp_path, monkeypatch, capsys):
     bench = script_module("bench_quality")
-    fake_quality_runs(bench, monkeypatch)
+    seen = []
+    fake_quality_runs(bench, monkeypatch, seen)
     argv = ["--tasks", "synth_sentiment", "--methods", "lora,para", "--seeds", "0,1", "--out", str(tmp_path / "q"),
             "--doc", str(copy)]
     bench.main(argv)
     out = capsys.readouterr().out
-    after = check_written(copy, ["quality-backbone", "quality"],
-                          shlex.join(["python", "scripts/bench_quality.py", *argv]), out.split("# Quality", 1)[1])
+    table = out[out.index("Backbone: "):]
+    after = check_written(copy, ["quality-backbone", "quality-curves"],
+                          shlex.join(["python", "scripts/bench_quality.py", *argv]), table)
     assert "| 1.234 | 50% | 25% | 0% |" in after["quality-backbone"]
     assert "| held-out LM loss | facts | copying | two-step stories |" in after["quality-backbone"]
-    assert "**synth_sentiment**" in after["quality"] and "## synth_sentiment" in out
-    assert not re.search(r"(?m)^#", after["quality"])  # no headings of its own inside the page's
-    assert "| lora | r=4 | 55,296 | 90.5 ± 0.7 | 90.0 / 91.0 | 2 | 2 |" in after["quality"]
+    curves = after["quality-curves"]
+    assert "**synth_sentiment** (dev accuracy)" in curves
+    assert not re.search(r"(?m)^#", curves)  # no headings of its own inside the page's
+    # lora's seed-mean curve ends at 90.5: the threshold is 81.45, which it reaches at its last evaluation.
+    assert "| lora | r=4 | 55,296 | 0.01 | 90.5 | 90.5 (480) | 480 | 20 | +10.0 | 90.5 ± 0.7 | 90.0 / 91.0 | 20 |" in curves
+    assert "| para | bottleneck=4 | 55,296 | 0.01 | 70.5 | 70.5 (480) | not reached | - | +10.0 | 70.5 ± 0.7 |" in curves
+    assert "| backbone, no adapter (zero-shot) | - | 0 | - | - | - | - | - | - | 0.5 | - | - |" in curves
+    assert "Threshold: 90% of the best final accuracy, 81.5." in curves
+    assert "synth_sentiment 480 (evaluated every 30)" in curves
+    # The plot, one per task, beside the table and linked relative to the page.
+    png = tmp_path / "q" / "quality_synth_sentiment.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert f"]({os.path.relpath(png, copy.parent)})" in curves
+    assert (tmp_path / "q" / "quality_curves.md").read_text() + "\n" == table  # print's newline
+    # Every method on every seed at its picked rate, on the task's steps, evaluated 16 times.
+    plan = seen[0][0]
+    assert [job for _, job in seen] == [("synth_sentiment", m, s, 0.01) for m in ("lora", "para") for s in (0, 1)]
+    assert plan.steps == {"synth_sentiment": 480} and plan.eval_every == {"synth_sentiment": 30} and plan.generate
 
 
 def test_bench_quality_sweep_writes_the_learning_rates(copy, tmp_path, monkeypatch, capsys):
     bench = script_module("bench_quality")
-    fake_quality_runs(bench, monkeypatch)
-    argv = ["--sweep-lr", "1e-3,1e-2", "--tasks", "synth_qa", "--methods", "lora", "--out", str(tmp_path / "q"),
-            "--doc", str(copy)]
+    seen = []
+    fake_quality_runs(bench, monkeypatch, seen)
+    picks = tmp_path / "picks.json"
+    argv = ["--sweep-lr", "1e-3,1e-2", "--sweep-steps", "40", "--tasks", "synth_qa", "--methods", "lora", "--out",
+            str(tmp_path / "q"), "--picks", str(picks), "--doc", str(copy)]
     bench.main(argv)
     out = capsys.readouterr().out
     after = check_written(copy, ["quality-lr"], shlex.join(["python", "scripts/bench_quality.py", *argv]), out)
     assert "| lora | 0.010 | 0.100 | 0.001 |" in after["quality-lr"]
-    steps = bench.TASK_STEPS["synth_qa"]
-    assert f"\nLearning rates for bench_quality.py: best dev loss after synth_qa {steps} steps, seed 0.\n\n| method |" \
-        in after["quality-lr"]
+    assert "lowest geometric-mean dev loss of lr 0.001, 0.01 after synth_qa 40 steps, seed 0, batch 16" in \
+        after["quality-lr"]
+    assert json.loads(picks.read_text())["tiny_pretrained"]["lora"]["lr"] == 1e-3
+    assert all(plan.steps == {"synth_qa": 40} and not plan.generate for plan, _ in seen)
 
 
 def test_bench_quality_smoke_writes_a_throwaway_copy(tmp_path):
@@ -374,6 +423,69 @@ def test_bench_quality_smoke_writes_a_throwaway_copy(tmp_path):
     assert bench.doc_path(bench.parse_args([]), tmp_path) == PAGE
     assert bench.doc_path(bench.parse_args(["--no-doc"]), tmp_path) is None
     assert bench.doc_path(bench.parse_args(["--smoke", "--doc", "x.md"]), tmp_path) == Path("x.md")
+
+
+def test_bench_quality_smollm2_writes_its_table(copy, tmp_path, monkeypatch, capsys):
+    """The SmolLM2 comparison, its runs faked: the chat-rendered task files are written, every run's
+    test predictions are scored again with synth_qa's own metric, the zero-shot model is a row."""
+    bench = script_module("bench_quality_smollm2")
+    quality = sys.modules["quality"]
+    folder = tmp_path / "smollm2_135m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    answers = [e.references[0] for e in quality.chat_data.native_task("synth_qa").examples("test")[:100]]
+    monkeypatch.setattr(bench, "count", lambda label, k, overrides: 1_000)
+    monkeypatch.setattr(bench, "match_budget", lambda label, budget, overrides: (2, 1_000))
+    monkeypatch.setattr(bench, "zero_shot", lambda plan, task: {
+        "test_exact_match": 0.0, "primary_metric": "test_exact_match", "wall_seconds": 1.0,
+        "predictions": [f"The answer is {a}." for a in answers]})
+    seen = []
+
+    def run_all(plan, jobs, runs_root):
+        for job in jobs:
+            seen.append((plan, job))
+            run_dir = tmp_path / "runs" / job[1]
+            run_dir.mkdir(parents=True)
+            right = 50 if job[1] == "lora" else 25  # the first `right` answers exactly, the rest wrong
+            predictions = answers[:right] + ["no"] * (100 - right)
+            (run_dir / "predictions.jsonl").write_text("".join(json.dumps({"prediction": p}) + "\n" for p in predictions))
+            yield job, {"test_exact_match": float(right), "primary_metric": "test_exact_match", "dev_loss": 1.0,
+                        "train_seconds": 60.0, "wall_seconds": 70.0, "lr": job[3], "run_dir": str(run_dir),
+                        "curve": fake_curve(float(right), 60.0)}
+
+    monkeypatch.setattr(quality.benchmark, "run_all", run_all)
+    argv = ["--folder", str(folder), "--tasks", "synth_qa", "--methods", "lora,iapt", "--lr", "lora=1e-3",
+            "--lr", "iapt=1e-2", "--out", str(tmp_path / "q"), "--doc", str(copy)]
+    bench.main(argv)
+    out = capsys.readouterr().out
+    table = out[out.index("SmolLM2-135M-Instruct"):]
+    after = check_written(copy, ["quality-smollm2"], shlex.join(["python", "scripts/bench_quality_smollm2.py", *argv]),
+                          table)["quality-smollm2"]
+    assert "| test EM (reply) | test EM (task) | test F1 (task) | per seed | train s |" in after
+    # The zero-shot sentences: no exact match, F1 credit for the answer inside them.
+    assert re.search(r"\| backbone, no adapter \(zero-shot\) \| - \| 0 \| - \| - \| - \| - \| - \| - \| 0.0 \| 0.0 \| "
+                     r"[1-9]\d\.\d \| - \| - \|", after), after
+    assert "| lora | r=2 | 1,000 | 0.001 | 50.0 | 50.0 (480) | 480 | 60 | +10.0 | 50.0 | 50.0 | 50.0 | 50.0 | 60 |" in after
+    assert "| iapt | bottleneck=2 | 1,000 | 0.01 | 25.0 | 25.0 (480) | not reached | - | +10.0 | 25.0 | 25.0 | 25.0 |" in after
+    assert (tmp_path / "q" / "quality_smollm2_synth_qa.png").exists()
+    plan = seen[0][0]
+    assert plan.model_overrides == ("model=smollm2_135m", f"model.name_or_path={folder.resolve()}")
+    overrides = dict(o.split("=", 1) for o in plan.task_overrides["synth_qa"])
+    assert overrides["task"] == "chat" and overrides["task.train_on"] == "last_assistant"
+    assert plan.steps == {"synth_qa": bench.TASK_STEPS["synth_qa"]} and plan.batch == 8 and plan.alora_rounds == 1
+    assert [job for _, job in seen] == [("synth_qa", "lora", 0, 1e-3), ("synth_qa", "iapt", 0, 1e-2)]
+
+
+def test_bench_quality_smollm2_needs_a_rate_for_every_method(tmp_path, monkeypatch):
+    bench = script_module("bench_quality_smollm2")
+    folder = tmp_path / "smollm2_135m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    picks = tmp_path / "picks.json"
+    picks.write_text('{"smollm2_135m": {"lora": {"lr": 0.001, "how": "x"}}}')
+    monkeypatch.setattr(bench, "count", lambda *a: pytest.fail("sized the methods without their rates"))
+    with pytest.raises(SystemExit, match="no learning rate for para on smollm2_135m"):
+        bench.main(["--folder", str(folder), "--methods", "lora,para", "--picks", str(picks), "--no-doc"])
 
 
 def test_bench_smollm2_writes_its_table(copy, tmp_path, monkeypatch, capsys):
@@ -411,3 +523,25 @@ def test_bench_smollm2_names_the_command_when_the_model_is_missing(tmp_path, mon
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "make smollm2" in err[0]
+
+
+def test_bench_packing_writes_its_table(copy, monkeypatch, capsys):
+    bench = script_module("bench_packing")
+    monkeypatch.setattr(bench, "instruction_set", lambda n, max_length, vocab: [{"input_ids": [1] * k} for k in (50, 118, 250)])
+    speed = {"padded": 1.0, "group_by_length": 2.0, "packing": 2.5}
+
+    def measure(method, mode, features, args):
+        if method == "iapt" and mode == "packing":
+            raise TypeError("not yet")
+        return {"tokens": 1000 * speed[mode], "seconds": 1.0, "padding": 0.6 if mode == "padded" else 0.05}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    argv = ["--steps", "1", "--warmup", "0", "--methods", "lora,iapt", "--doc", str(copy)]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / "bench_packing.py"), *argv])
+    bench.main()
+    out = capsys.readouterr()
+    after = check_written(copy, ["packing"], shlex.join(["python", "scripts/bench_packing.py", *argv]), out.out)
+    assert "| lora | 1,000 | 2,000 (2.00x) | 2,500 (2.50x) | 60% / 5% / 5% |" in after["packing"]
+    assert "| iapt | 1,000 | 2,000 (2.00x) | not supported | 60% / 5% / - |" in after["packing"]
+    assert "Not measured: iapt packing: TypeError: not yet." in after["packing"]
+    assert "length median 118, 90th percentile 250, max 250" in after["packing"]

@@ -29,3 +29,6 @@ class AloraConfig(MethodConfig):
     ranks_per_round: Optional[int] = None  # n_A; null: adapted module kinds per block
     dev_batch_size: int = 32  # the fixed dev batch the importance is measured on
     ablations_per_forward: int = 32  # gate configurations stacked into one forward when scoring
+    # exact: the AB-LoRA score by ablation; taylor: its first-order estimate, 2 forward+backward
+    # passes a round instead of 2 x (open ranks) forwards (scoring.py; agreement in docs/benchmarks.md)
+    score_estimator: str = "exact"

@@ -24,7 +24,7 @@ from ..lora.model import LoraAdapter, LoraMethod
 from ..registry import register_method
 from .config import AloraConfig
 from .schedule import AllocationSchedule
-from .scoring import Rank, ablation_losses
+from .scoring import SCORE_ESTIMATORS, Rank, ablation_losses, taylor_scores
 
 
 class AloraAdapter(LoraAdapter):
@@ -89,12 +89,16 @@ class AloraAdapter(LoraAdapter):
         return config, lora_peft_tensors(factors)
 
     # -- AB-LoRA importance
-    @torch.no_grad()
-    def importance(self, batch: dict[str, torch.Tensor], ablations_per_forward: int = 32) -> dict[Rank, float]:
-        """IS(r) for every open rank on one batch: forward passes only, eval mode, no grad."""
+    def importance(self, batch: dict[str, torch.Tensor], ablations_per_forward: int = 32,
+                   estimator: str = "exact") -> dict[Rank, float]:
+        """IS(r) for every open rank on one batch, eval mode: exactly (forward passes only, no
+        grad) or by its first-order estimate (`estimator="taylor"`, scoring.py)."""
         live = self.live_ranks()
+        if estimator == "taylor":
+            return taylor_scores(self, batch, live)
         configs = [("without", r) for r in live] + [("only", r) for r in live]
-        losses = ablation_losses(self, batch, configs, ablations_per_forward)
+        with torch.no_grad():
+            losses = ablation_losses(self, batch, configs, ablations_per_forward)
         n = len(live)
         return {r: losses[i] - losses[n + i] for i, r in enumerate(live)}
 
@@ -150,6 +154,9 @@ class AloraMethod(LoraMethod):
             raise ConfigError("method.ranks_per_round", "must be positive, or null for the adapted module kinds per block")
         if c.dev_batch_size <= 0 or c.ablations_per_forward <= 0:
             raise ConfigError("method.dev_batch_size", "dev_batch_size and ablations_per_forward must be positive")
+        if c.score_estimator not in SCORE_ESTIMATORS:
+            raise ConfigError("method.score_estimator",
+                              f"must be one of {', '.join(SCORE_ESTIMATORS)}, got {c.score_estimator!r}")
         if c.warmup_steps <= 0 and c.warmup_epochs <= 0:
             raise ConfigError("method.warmup_epochs", "the warm-up must be positive (warmup_epochs or warmup_steps)")
         if c.interval_steps <= 0 and c.interval_epochs <= 0:

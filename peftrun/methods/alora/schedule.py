@@ -14,7 +14,7 @@ import torch
 from ...data import collate_train
 from ..lora.layer import LoraLinear
 from .report import allocation_table, write_heatmap
-from .scoring import Rank, ablation_losses
+from .scoring import Rank, ablation_losses, taylor_scores
 
 
 def reallocate(scores: dict[Rank, float], allocation: dict[str, int], n: int, max_rank: int | dict[str, int]
@@ -73,6 +73,8 @@ class AllocationSchedule:
         and gathered, so every process holds the same scores and takes the same decisions."""
         acc = state.run.accelerator
         live = self.adapter.live_ranks()
+        if self.cfg.score_estimator == "taylor":
+            return self.taylor(acc, live)
         configs = [("without", r) for r in live] + [("only", r) for r in live]
         rank, world = acc.process_index, acc.num_processes
         mine = ablation_losses(self.adapter, self.batch, configs[rank::world], self.cfg.ablations_per_forward)
@@ -84,6 +86,16 @@ class AllocationSchedule:
         losses = [loss for _, loss in sorted(numbered)]
         n = len(live)
         return {r: losses[i] - losses[n + i] for i, r in enumerate(live)}
+
+    def taylor(self, acc, live: list[Rank]) -> dict[Rank, float]:
+        """The first-order estimate: two passes, too few to split; the main process's scores go
+        to every process, so all take the same decisions whatever their float rounding."""
+        scores = taylor_scores(self.adapter, self.batch, live)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            scores = broadcast_object_list([scores], from_process=0)[0]
+        return scores
 
     def allocate(self, state) -> None:
         adapter, run = self.adapter, state.run
