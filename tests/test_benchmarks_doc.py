@@ -390,7 +390,8 @@ def test_bench_quality_writes_the_backbone_and_results(copy, tmp_path, monkeypat
     # The plot, one per task, beside the table and linked relative to the page.
     png = tmp_path / "q" / "quality_synth_sentiment.png"
     assert png.read_bytes().startswith(b"\x89PNG")
-    assert f"]({os.path.relpath(png, copy.parent)})" in curves
+    assert (copy.parent / "plots" / png.name).read_bytes() == png.read_bytes()  # committed beside the page
+    assert f"](plots/{png.name})" in curves
     assert (tmp_path / "q" / "quality_curves.md").read_text() + "\n" == table  # print's newline
     # Every method on every seed at its picked rate, on the task's steps, evaluated 16 times.
     plan = seen[0][0]

@@ -5,6 +5,7 @@ learning-rate sweep with its table and the picks file."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -42,14 +43,18 @@ def run_methods(plan: Plan, tasks: list[str], labels: list[str], seeds: list[int
 
 def task_sections(results: dict, zero: dict, sizes: dict, test_columns: dict, metric_names: dict, out: Path,
                   doc: Path | None, prefix: str, fraction: float = 0.9) -> list[str]:
-    """Per task: a bold line, its table and its plot (out/<prefix>_<task>.png, linked relative to
-    the page `doc`, else to `out`)."""
+    """Per task: a bold line, its table and its plot (out/<prefix>_<task>.png, and a copy in
+    plots/ beside the page `doc`, so the page and its plots are committed together), linked
+    relative to the page, else to `out`."""
     lines = []
     for task, runs in results.items():
         metric = metric_names[task]
         threshold, _, means = report.task_summary(runs, fraction)
         png = plots.plot_task(task, means, zero[task].get(test_columns[task][0][1]), threshold, metric,
                               out / f"{prefix}_{task}.png", title=f"{task}: dev {metric} (mean of seeds, range shaded)")
+        if doc is not None:
+            (doc.parent / "plots").mkdir(exist_ok=True)
+            png = Path(shutil.copy(png, doc.parent / "plots" / png.name))
         link = os.path.relpath(png, doc.parent if doc is not None else out)
         lines += [f"**{task}** (dev {metric})", "",
                   *report.task_table(task, runs, sizes, zero[task], test_columns[task], metric, fraction), "",
