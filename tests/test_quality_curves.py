@@ -104,13 +104,13 @@ def test_timing_log_leaves_the_evaluations_out(tmp_path, monkeypatch):
     log.on_evaluate(state)
     clock[0], state.step, state.train_seconds = 130.0, 100, 26.0  # 12 s more training, 4 s more evaluating
     log.on_evaluate(state)
-    rows = curves.read_jsonl(tmp_path / "timing.jsonl")
+    rows = curves.read_events(tmp_path / "timing.jsonl")
     assert [(r["step"], r["train_seconds"], r["eval_seconds"]) for r in rows] == [(50, 10.0, 4.0), (100, 22.0, 4.0)]
     # A resume from step 50 keeps the timings up to there and counts on from them.
     resumed = runs.TimingLog(tmp_path / "timing.jsonl")
     clock[0] = 200.0
     resumed.on_train_start(types.SimpleNamespace(step=50, train_seconds=14.0))
-    assert [r["step"] for r in curves.read_jsonl(tmp_path / "timing.jsonl")] == [50]
+    assert [r["step"] for r in curves.read_events(tmp_path / "timing.jsonl")] == [50]
     assert resumed.eval_seconds == 4.0
 
 

@@ -1,5 +1,5 @@
 """Learning curves: read from a run folder, averaged over seeds, summarized. Pure functions but
-`read_jsonl` and `load_curve`, which read the trainer's metrics.jsonl and our timing.jsonl.
+`load_curve`, which reads the trainer's metrics.jsonl and our timing.jsonl.
 
 A curve is a list of points, one per evaluation, in step order:
 {"step", "seconds" (training seconds so far, evaluations left out), "metric" (the task metric
@@ -8,30 +8,18 @@ on the dev set, or None), "dev_loss"}.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a kill
-    return records
+from peftrun.train.curves import read_events  # the trainer's reader of its .jsonl logs
 
 
 def load_curve(run_dir: Path, metric: str) -> list[dict]:
     """The run's evaluations (metrics.jsonl) joined by step with its timings (timing.jsonl)."""
-    seconds = {r["step"]: r["train_seconds"] for r in read_jsonl(Path(run_dir) / "timing.jsonl")}
+    seconds = {r["step"]: r["train_seconds"] for r in read_events(Path(run_dir) / "timing.jsonl")}
     points = {}
-    for e in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+    for e in read_events(Path(run_dir) / "metrics.jsonl"):
         if e.get("event") == "eval":  # a resumed run wrote the log again from its checkpoint on
             points[e["step"]] = {"step": e["step"], "seconds": seconds.get(e["step"]),
                                  "metric": e.get(f"dev_{metric}"), "dev_loss": e.get("dev_loss")}

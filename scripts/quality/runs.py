@@ -73,7 +73,7 @@ class TimingLog:
 
     def on_train_start(self, state) -> None:
         self.origin = time.perf_counter() - state.train_seconds  # as the trainer sets its own
-        kept = [r for r in curves.read_jsonl(self.path) if r.get("step", 0) <= state.step]  # a resumed run
+        kept = [r for r in curves.read_events(self.path) if r.get("step", 0) <= state.step]  # a resumed run
         self.eval_seconds = sum(r["eval_seconds"] for r in kept)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
