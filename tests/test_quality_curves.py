@@ -196,8 +196,9 @@ def test_budget_matching_picks_the_nearest_count():
 
 
 def plan(**kw):
+    kw = {"sizes": {"lora": (4, 0), "alora": (2, 0)}, **kw}
     return runs.Plan(model_overrides=("model=tiny",), task_overrides={"toy": ("task=toy",)}, steps={"toy": 8},
-                     eval_every={"toy": 4}, sizes={"lora": (4, 0), "alora": (2, 0)}, **kw)
+                     eval_every={"toy": 4}, **kw)
 
 
 def test_run_config_sets_the_protocol():
@@ -240,6 +241,13 @@ def test_a_failed_run_is_reported_not_raised(monkeypatch, tmp_path):
     s = runs.run_one(plan(), job, runs.run_folder(tmp_path, job))
     assert s["lr"] == 1.0 and s["error"].startswith("FloatingPointError: loss is nan (log: ")
     assert "step 1: loss nan" in (tmp_path / "toy" / "lora" / "seed0-lr1.log").read_text()
+
+
+def test_a_refused_config_is_a_failed_run_not_the_end_of_the_benchmark(tmp_path):
+    # A size or schedule the config refuses (here a negative rank) fails that run alone.
+    job = ("toy", "lora", 0, 1e-3)
+    s = runs.run_one(plan(sizes={"lora": (-1, 0)}), job, runs.run_folder(tmp_path, job))
+    assert s["error"].startswith("ConfigError: method.r") and s["lr"] == 1e-3
 
 
 # ------------------------------------------------------------------------- chat-rendered tasks

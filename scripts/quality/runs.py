@@ -105,14 +105,13 @@ def run_one(plan: Plan, job: tuple, run_dir: Path) -> dict:
     (`curves.load_curve`), or {"error": ...} where it failed. Its own output goes to <run_dir>.log."""
     from peftrun.train.loop import train
 
-    cfg = run_config(plan, job)
     started = time.perf_counter()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = run_dir.parent / f"{run_dir.name}.log"
     with torch_threads(plan.threads), log_file.open("w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        try:
-            summary = train(cfg, run_dir, [TimingLog(run_dir / "timing.jsonl")])
+        try:  # composing too: a size or schedule the config refuses fails this run, not the benchmark
+            summary = train(run_config(plan, job), run_dir, [TimingLog(run_dir / "timing.jsonl")])
         except Exception as e:  # noqa: BLE001  (a diverged lr in a sweep; the other runs go on)
             traceback.print_exc()
             reason = " ".join(str(e).split())[:300]
