@@ -15,6 +15,7 @@ machine's at the top; `--no-doc` leaves the page alone, `--doc PATH` writes anot
 
     python scripts/bench_train.py                     # writes bench/train.md and bench/train.png
     python scripts/bench_train.py --steps 20 --hidden 512 --layers 8
+    python scripts/bench_train.py --no-whole-runs      # the step tables only (about 20 min instead of 50)
 """
 
 from __future__ import annotations
@@ -259,6 +260,15 @@ def whole_run(name: str, args) -> float:
         return train(compose(overrides), Path(run_dir))["train_seconds"]
 
 
+def whole_runs_text(runs: dict) -> list[str]:
+    lora, alora = (runs[(m, "dense")] for m in ("lora", "alora"))
+    text = [f"Whole toy-task runs (tiny model), ALoRA with 8 allocation rounds against LoRA: 120 steps, a round "
+            f"every 10 steps: LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x;"]
+    lora, alora = (runs[(m, "paper")] for m in ("lora", "alora"))
+    return text + [f"the paper's schedule (batch 16, 10 epochs = 1,250 steps, rounds every 0.25 epoch after the "
+                   f"first): LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x."]
+
+
 def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch threads default"
 
@@ -305,6 +315,8 @@ def main() -> None:
                         "(default: %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-shape rows")
+    parser.add_argument("--no-whole-runs", action="store_true", help="skip ALoRA's whole runs against LoRA's "
+                        "(about 30 min) and leave their section of the page as it is")
     parser.add_argument("--child", choices=["step", "run", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -318,13 +330,15 @@ def main() -> None:
         print(json.dumps({"seconds": whole_run(args.name, args)}))
         return
     doc = None if args.no_doc else Path(args.doc)
-    benchmarks_doc.preflight("bench_train.py", DOC_SECTIONS, doc)
+    sections = DOC_SECTIONS[:1] if args.no_whole_runs else DOC_SECTIONS
+    benchmarks_doc.preflight("bench_train.py", sections, doc)
 
     rows = [run_child("step", name, args) for name in CONFIGS]
     big = [] if args.no_smollm2 else [run_child("smollm2", name, args) for name in SMOLLM2_CONFIGS]
     floor = rows[0]["seconds"]
     peft_s = rows[1]["seconds"]
-    runs = {(m, s): run_child("run", f"{m}:{s}", args)["seconds"] for s in WHOLE_RUNS for m in ("lora", "alora")}
+    runs = {} if args.no_whole_runs else {
+        (m, s): run_child("run", f"{m}:{s}", args)["seconds"] for s in WHOLE_RUNS for m in ("lora", "alora")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setting = f"Training step, Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens"
@@ -338,12 +352,7 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / floor:.2f} | "
                      f"{r['seconds'] / peft_s:.2f} | {r['peak_rss_mib']:.0f} |")
     step_table = lines[1:]
-    lora, alora = (runs[(m, "dense")] for m in ("lora", "alora"))
-    whole = [f"Whole toy-task runs (tiny model), ALoRA with 8 allocation rounds against LoRA: 120 steps, a round "
-             f"every 10 steps: LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x;"]
-    lora, alora = (runs[(m, "paper")] for m in ("lora", "alora"))
-    whole += [f"the paper's schedule (batch 16, 10 epochs = 1,250 steps, rounds every 0.25 epoch after the first): "
-              f"LoRA {lora:.1f} s, ALoRA {alora:.1f} s = {alora / lora:.2f}x."]
+    whole = whole_runs_text(runs) if runs else []
     big_table = smollm2_table(big, args) if big else []
     lines += ["", *big_table, "", *whole] if big else ["", *whole]
     (out / "train.md").write_text("\n".join(lines) + "\n")
@@ -352,12 +361,12 @@ def main() -> None:
     bar_chart(out / "train.png", [r["name"] for r in rows], [r["seconds"] / peft_s for r in rows],
               "seconds per training step / PEFT LoRA's", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
     # The page names the machine once, at the top: here the setting and the tables only.
-    benchmarks_doc.publish("bench_train.py", {
-        "train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
-                            f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table,
-                            *(["", *big_table] if big else [])]),
-        "train-alora-runs": "\n".join(whole),
-    }, doc, DOC_SECTIONS)
+    bodies = {"train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
+                                  f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table,
+                                  *(["", *big_table] if big else [])])}
+    if runs:
+        bodies["train-alora-runs"] = "\n".join(whole)
+    benchmarks_doc.publish("bench_train.py", bodies, doc, DOC_SECTIONS)
 
 
 if __name__ == "__main__":
