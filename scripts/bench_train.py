@@ -361,12 +361,12 @@ def main() -> None:
     bar_chart(out / "train.png", [r["name"] for r in rows], [r["seconds"] / peft_s for r in rows],
               "seconds per training step / PEFT LoRA's", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
     # The page names the machine once, at the top: here the setting and the tables only.
-    bodies = {"train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
-                                  f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table,
-                                  *(["", *big_table] if big else [])])}
-    if runs:
-        bodies["train-alora-runs"] = "\n".join(whole)
-    benchmarks_doc.publish("bench_train.py", bodies, doc, DOC_SECTIONS)
+    benchmarks_doc.publish("bench_train.py", {
+        "train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
+                            f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table,
+                            *(["", *big_table] if big else [])]),
+        "train-alora-runs": "\n".join(whole) if runs else None,  # --no-whole-runs: the page keeps its figures
+    }, doc, DOC_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -223,10 +223,12 @@ def publish(prog: str, bodies: Mapping[str, str], doc: Path | str | None, declar
             argv: Sequence[str] | None = None) -> None:
     """Write a script's sections and the `machine` section into `doc` (None: --no-doc, nothing);
     a note on stderr (stdout stays the script's tables); exit 2 with a one-line error where the
-    page cannot take them. `declared` is the script's DOC_SECTIONS: writing any other name is a bug."""
+    page cannot take them. `declared` is the script's DOC_SECTIONS: writing any other name is a bug.
+    A body of None leaves that section as it is (a part of the script that was skipped)."""
     undeclared = [name for name in bodies if name not in declared]
     if undeclared:
         raise ValueError(f"{prog}: sections {undeclared} are not in its DOC_SECTIONS {tuple(declared)}")
+    bodies = {name: body for name, body in bodies.items() if body is not None}
     if doc is None:
         return
     try:

@@ -243,6 +243,14 @@ def check_written(doc: Path, names, command: str, printed: str) -> dict:
     return after
 
 
+def test_a_section_published_as_none_keeps_its_figures(copy):
+    # bench_train.py --no-whole-runs: the step table is new, the whole-run section stays as it was.
+    before = bd.sections(PAGE.read_text(encoding="utf-8"), PAGE)
+    bd.publish("bench_train.py", {"train": "| a | b |", "train-alora-runs": None}, copy, ("train", "train-alora-runs"))
+    after = bd.sections(copy.read_text(encoding="utf-8"), copy)
+    assert after["train-alora-runs"] == before["train-alora-runs"] and "| a | b |" in after["train"]
+
+
 def test_bench_alora_writes_its_table(copy, monkeypatch, capsys):
     bench = script_module("bench_alora")
 
