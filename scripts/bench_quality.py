@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--picks", default=str(lr_module.PICKS), help="the learning-rate picks file (default: %(default)s)")
     p.add_argument("--out", default=str(ROOT / "bench"))
     p.add_argument("--runs", default=None, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true", help="with --runs: read the runs already finished there (an "
+                   "interrupted benchmark, more tasks or methods) instead of training them again")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
     p.add_argument("--smoke", action="store_true", help="a throwaway backbone, 4 steps, tiny splits, one seed")
     p.add_argument("--doc", default=None, help="the page to write the tables into (default: "
@@ -84,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "after --sweep-steps), the best mean dev loss over the tasks picked into --picks")
     p.add_argument("--sweep-steps", type=int, default=300, help="steps per sweep run (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.reuse and not args.runs:
+        p.error("--reuse reads the run folders of --runs: give --runs DIR")
     args.tasks = args.tasks.split(",")
     args.methods = args.methods.split(",")
     for m in args.methods:
@@ -211,7 +215,8 @@ def main(argv=None) -> None:
         steps = {t: args.sweep_steps if sweeping else task_steps(args, t) for t in args.tasks}
         plan = Plan(model_overrides=model_overrides, task_overrides={t: (f"task={t}", *small) for t in args.tasks},
                     steps=steps, eval_every={t: s if sweeping else eval_every(s, args.evals) for t, s in steps.items()},
-                    sizes=sizes, batch=4 if args.smoke else 16, generate=not sweeping, workers=args.workers)
+                    sizes=sizes, batch=4 if args.smoke else 16, generate=not sweeping, workers=args.workers,
+                    reuse=args.reuse)
         runs_root = Path(args.runs) if args.runs else scratch / "runs"
         out = scratch / "out" if args.smoke else Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

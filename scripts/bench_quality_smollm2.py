@@ -54,7 +54,7 @@ BACKBONE = "smollm2_135m"
 DEFAULT_FOLDER = ROOT / "models" / "smollm2_135m"
 TASKS = ("synth_qa", "synth_math")
 METHOD_LABELS = ("lora", "tied_lora tl6", "tied_lora tl6 r=8", "alora", "para", "iapt")
-TASK_STEPS = {"synth_qa": 200, "synth_math": 200}
+TASK_STEPS = {"synth_qa": 200, "synth_math": 200, "synth_sentiment": 150}
 EVALS = 5
 # Examples per split: training examples enough for every step to see new ones; dev and test
 # small, as every evaluation generates for the whole dev set with a 135M model on CPUs.
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--picks", default=str(lr_module.PICKS), help="the learning-rate picks file (default: %(default)s)")
     p.add_argument("--out", default=str(ROOT / "bench"))
     p.add_argument("--runs", default=None, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true", help="with --runs: read the runs already finished there (an "
+                   "interrupted benchmark, more tasks or methods) instead of training them again")
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
     p.add_argument("--smoke", action="store_true", help="4 steps, tiny splits, one seed, nothing written to the page "
                    "or the picks file")
@@ -96,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-steps", type=int, default=60, help="steps per sweep run (default: %(default)s)")
     p.add_argument("--sweep-tasks", default="synth_qa", help="the sweep's tasks (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.reuse and not args.runs:
+        p.error("--reuse reads the run folders of --runs: give --runs DIR")
     args.tasks = args.tasks.split(",")
     args.sweep_tasks = args.sweep_tasks.split(",")
     args.methods = args.methods.split(",")
@@ -160,7 +164,8 @@ def main(argv=None) -> None:
         plan = Plan(model_overrides=model_overrides, task_overrides=task_overrides, steps=steps,
                     eval_every={t: s if sweeping else eval_every(s, args.evals) for t, s in steps.items()},
                     sizes=sizes, batch=args.batch, eval_batch=32, generate=not sweeping, alora_rounds=args.alora_rounds,
-                    alora_dev_batch=min(args.alora_dev_batch, counts["dev"]), workers=args.workers)
+                    alora_dev_batch=min(args.alora_dev_batch, counts["dev"]), workers=args.workers,
+                    reuse=args.reuse)
         runs_root = Path(args.runs) if args.runs else scratch / "runs"
         out = scratch / "out" if args.smoke else Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import time
 import traceback
@@ -38,6 +39,7 @@ class Plan:
     alora_dev_batch: int = 16
     workers: int = 2
     threads: int = 1  # torch threads per run
+    reuse: bool = False  # a run whose folder holds a finished run (summary.json) is read, not trained again
     extra: tuple[str, ...] = field(default=())  # more overrides for every run
 
 
@@ -105,6 +107,12 @@ def run_one(plan: Plan, job: tuple, run_dir: Path) -> dict:
     (`curves.load_curve`), or {"error": ...} where it failed. Its own output goes to <run_dir>.log."""
     from peftrun.train.loop import train
 
+    finished = run_dir / "summary.json"
+    if plan.reuse and finished.is_file():  # an interrupted benchmark goes on from its finished runs
+        summary = json.loads(finished.read_text())
+        metric = summary["primary_metric"].removeprefix("test_")
+        return {**summary, "wall_seconds": math.nan, "lr": job[3], "run_dir": str(run_dir), "reused": True,
+                "curve": curves.load_curve(run_dir, metric)}
     started = time.perf_counter()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = run_dir.parent / f"{run_dir.name}.log"
