@@ -243,6 +243,21 @@ def test_a_failed_run_is_reported_not_raised(monkeypatch, tmp_path):
     assert "step 1: loss nan" in (tmp_path / "toy" / "lora" / "seed0-lr1.log").read_text()
 
 
+def test_reuse_reads_a_finished_run_instead_of_training_it_again(monkeypatch, tmp_path):
+    import peftrun.train.loop
+
+    job = ("toy", "lora", 0, 1e-3)
+    run_dir = runs.run_folder(tmp_path, job)
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"primary_metric": "test_exact_match", "test_exact_match": 97.0,
+                                                      "train_seconds": 12.0}))
+    monkeypatch.setattr(peftrun.train.loop, "train", lambda cfg, run_dir, callbacks: {
+        "primary_metric": "test_exact_match", "test_exact_match": 1.0, "train_seconds": 1.0})
+    reused = runs.run_one(plan(reuse=True), job, run_dir)
+    assert reused["reused"] and reused["test_exact_match"] == 97.0 and reused["run_dir"] == str(run_dir)
+    assert runs.run_one(plan(), job, run_dir)["test_exact_match"] == 1.0  # without --reuse it trains
+
+
 def test_a_refused_config_is_a_failed_run_not_the_end_of_the_benchmark(tmp_path):
     # A size or schedule the config refuses (here a negative rank) fails that run alone.
     job = ("toy", "lora", 0, 1e-3)
