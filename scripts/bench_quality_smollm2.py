@@ -21,7 +21,7 @@ the zero-shot model's sentences. The learning rates come from `quality/lr_picks.
 The table goes into docs/benchmarks.md (section `quality-smollm2`; with --sweep-lr
 `quality-smollm2-lr`); `--no-doc` leaves the page alone, `--doc PATH` writes another copy.
 
-    python scripts/bench_quality_smollm2.py                 # about 95 min on 2 idle cores
+    python scripts/bench_quality_smollm2.py                 # about 95 min on 2 cores (synth_qa 64, synth_sentiment 31)
     python scripts/bench_quality_smollm2.py --seeds 0,1     # twice that
     python scripts/bench_quality_smollm2.py --sweep-lr 1e-4,3e-4,1e-3    # the picks, about 30 min
     python scripts/bench_quality_smollm2.py --smoke         # a few minutes: 4 steps, tiny splits, no page
@@ -52,7 +52,7 @@ from quality.runs import Plan, zero_shot  # noqa: E402
 DOC_SECTIONS = ("quality-smollm2", "quality-smollm2-lr")
 BACKBONE = "smollm2_135m"
 DEFAULT_FOLDER = ROOT / "models" / "smollm2_135m"
-TASKS = ("synth_qa", "synth_math")
+TASKS = ("synth_qa", "synth_sentiment")  # synth_math too with --tasks: its worked answers make a run ~26 min
 METHOD_LABELS = ("lora", "tied_lora tl6", "tied_lora tl6 r=8", "alora", "para", "iapt")
 TASK_STEPS = {"synth_qa": 200, "synth_math": 200, "synth_sentiment": 150}
 EVALS = 5
