@@ -190,3 +190,41 @@ def decode_logits_backbone(model, batch) -> torch.Tensor:
         mask = torch.cat([batch["attention_mask"], torch.ones(len(batch["input_ids"]), 1, dtype=torch.long)], dim=1)
         return backbone(input_ids=torch.full((len(batch["input_ids"]), 1), 7), attention_mask=mask,
                         cache=out.past_key_values).logits
+
+
+def test_a_mixed_batch_shares_the_rank_product_of_layers_reading_one_input(monkeypatch):
+    """q/k/v and gate/up take their per-row rank products from one batched product each (4 per
+    decoder layer instead of 7), and the logits are those of every layer computing its own."""
+    from peftrun.data import encode_prompts
+    from peftrun.methods.lora import input_groups, layer as lora_layer
+
+    model, tokenizer = tiny_model("tiny")
+    adapters = {}
+    for i, name in enumerate(("a", "b")):
+        cfg = method_config("method=lora", "model=tiny", "method.targets=all-linear", f"method.r={2 + 2 * i}")
+        torch.manual_seed(i)
+        adapters[name] = build_method(cfg).attach(model, adapter_name=name)
+        with torch.no_grad():
+            for _, p in adapters[name].trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    batch = encode_prompts(PROMPTS, tokenizer, 64)
+    calls = []
+    product = input_groups.per_row_product
+    counted = lambda A, x: calls.append(A.shape[1]) or product(A, x)  # noqa: E731
+    for module in (input_groups, lora_layer):
+        monkeypatch.setattr(module, "per_row_product", counted)
+
+    def routed_logits(names=("a", "b", None, "b", "a", None)) -> torch.Tensor:
+        with torch.no_grad(), adapters["a"].routing(list(names)):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    shared = routed_logits()
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted([12, 4, 8, 4] * layers)  # q+k+v, o, gate+up, down at the largest rank, 4
+    calls.clear()
+    for layer in adapters["a"].layers.values():
+        monkeypatch.setattr(layer, "input_group", None)
+    alone = routed_logits()
+    assert calls == [4] * 7 * layers
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shared, routed_logits(("b", "a", None, "a", "b", None)), atol=1e-3), "the routing matters"

@@ -1,7 +1,8 @@
 """One rank product for the LoRA layers that read the same input. A decoder block's q, k and v
 projections read one normalized hidden state, and so do a gated MLP's gate and up: their A's are
 concatenated and x A_cat^T is computed once, each layer taking its rows (one pass over the
-activations instead of three, and one gradient product back to them instead of three).
+activations instead of three, and one gradient product back to them instead of three). A
+mixed-tenant batch shares the same way: each row's A's concatenated, one batched product.
 
 The groups come from the block's layout (common/layouts.py), so the product a group computes is
 fixed by the model and the adapter, never by what was seen before: a recomputed forward (gradient
@@ -30,14 +31,20 @@ def _version(x: torch.Tensor) -> int:
 class _Product:
     x: torch.Tensor
     version: int
-    name: str
-    hT: torch.Tensor  # (sum of the members' ranks, tokens)
-    rows: dict  # member -> (first row, rank, its B)
+    key: object  # the adapter's name, or the mixed-tenant batch's rows
+    hT: torch.Tensor  # (sum of the members' ranks, tokens), per batch row in a mixed-tenant batch
+    rows: dict  # member -> (first rank row, rank, its up-projection)
     pending: set = field(default_factory=set)  # members yet to take their rows
 
 
+def per_row_product(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each batch row's A x, with A (batch, r, in) and x (batch, ..., in), as (batch, r, tokens)."""
+    return torch.bmm(A, x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype).mT)
+
+
 class InputGroup:
-    """Sibling LoRA layers that read one input tensor; `product` gives each its rank product."""
+    """Sibling LoRA layers that read one input tensor; `product` gives each its rank product,
+    `product_per_request` the same for a mixed-tenant batch (each row through its own adapter)."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = members
@@ -45,26 +52,37 @@ class InputGroup:
 
     def product(self, layer: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A x as (r, tokens), s B) of `layer`'s adapter `name` on its open ranks."""
+        return self._shared(layer, x, name, lambda m: m.shares_input(name), lambda m: m.factors(name), rank_product)
+
+    def product_per_request(self, layer: nn.Module, x: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_i x_i as (batch, r, tokens), (s_i B_i)^T as (batch, r, out)) of `layer` in the
+        mixed-tenant batch routed by `rows`: every row through its own adapter."""
+        return self._shared(layer, x, rows, lambda m: m.mixed_batch() and m.route.rows is rows,
+                            lambda m: m.routed_factors(rows, x.device), per_row_product)
+
+    def _shared(self, layer, x, key, shares, factors_of, multiply) -> tuple[torch.Tensor, torch.Tensor]:
+        """One `multiply` of the sharing members' concatenated A's (rank on dim -2) with `x`,
+        computed at the first member's call and sliced by each member in turn."""
         c = self._cache
-        if c is not None and c.x is x and c.name == name and layer in c.pending and c.version == _version(x):
+        if c is not None and c.x is x and c.key == key and layer in c.pending and c.version == _version(x):
             c.pending.discard(layer)
             if not c.pending:
                 self._cache = None  # every member took its rows: hold no activations
             start, r, B = c.rows[layer]
-            return c.hT[start:start + r], B
-        sharing = [m for m in self.members if m is layer or m.shares_input(name)]
+            return c.hT[..., start:start + r, :], B
+        sharing = [m for m in self.members if m is layer or shares(m)]
         if len(sharing) == 1:
-            A, B = layer.factors(name)
-            return rank_product(A, x), B
-        factors = {m: m.factors(name) for m in sharing}
-        hT = rank_product(torch.cat([A for A, _ in factors.values()]), x)
+            A, B = factors_of(layer)
+            return multiply(A, x), B
+        factors = {m: factors_of(m) for m in sharing}
+        hT = multiply(torch.cat([A for A, _ in factors.values()], dim=-2), x)
         rows, start = {}, 0
         for m, (A, B) in factors.items():
-            rows[m] = (start, A.shape[0], B)
-            start += A.shape[0]
-        self._cache = _Product(x, _version(x), name, hT, rows, set(sharing) - {layer})
+            rows[m] = (start, A.shape[-2], B)
+            start += A.shape[-2]
+        self._cache = _Product(x, _version(x), key, hT, rows, set(sharing) - {layer})
         start, r, B = rows[layer]
-        return hT[start:start + r], B
+        return hT[..., start:start + r, :], B
 
 
 def input_groups(model: nn.Module) -> list[list[str]]:

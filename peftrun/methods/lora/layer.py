@@ -6,8 +6,8 @@ The update is one rank product (shared by the layers reading the same input: inp
 and one fused product-and-add into the frozen output (common/wrapper.py's add_low_rank). ALoRA
 adds a 0/1 gate per rank: only the open ranks are computed (gates are 0 or 1, so the result is
 the gated one). A mixed-tenant batch gathers each row's A and s B once per batch and applies them
-with two batched products, the second adding into the output: the cost does not grow with the
-number of tenants."""
+with two batched products (the first shared by the input group), the second adding into the
+output: the cost does not grow with the number of tenants."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..common.routing import RequestRows
 from ..common.wrapper import WrapperLayer, add_low_rank, rank_product
-from .input_groups import InputGroup
+from .input_groups import InputGroup, per_row_product
 
 
 class LoraLinear(WrapperLayer):
@@ -132,23 +132,29 @@ class LoraLinear(WrapperLayer):
 
     # ------------------------------------------------------------------ a mixed-tenant batch
     def add_per_request(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter: A_i x_i, then added through s_i B_i, as two
-        batched products over rows (inference only: dropout off, no gradient to the adapters).
-        The rank product is kept as (r, tokens) per row, as on the single-adapter path: on CPUs
-        about twice as fast as (tokens, r)."""
+        """Each batch row through its own adapter: A_i x_i (shared by the input group, as on
+        the single-adapter path), then added through s_i B_i, as batched products over rows
+        (inference only: dropout off, no gradient to the adapters). The rank product is kept as
+        (r, tokens) per row: on CPUs about twice as fast as (tokens, r)."""
         rows = self.route.rows
         rows.check_batch(x.shape[0])
-        if self._routed is None or self._routed[0] is not rows:
-            self._routed = (rows, *self._gather(rows, x.device))
-        _, A, Bt = self._routed
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
-        hT = torch.bmm(A, flat.mT)  # (batch, r, tokens)
+        if self.input_group is not None:
+            hT, Bt = self.input_group.product_per_request(self, x, rows)
+        else:
+            A, Bt = self.routed_factors(rows, x.device)
+            hT = per_row_product(A, x)  # (batch, r, tokens)
         out3d = out.reshape(x.shape[0], -1, self.out_features)
-        if out.dtype == A.dtype:
+        if out.dtype == Bt.dtype:
             # in place where nothing records it (generation): the frozen layer's fresh output
             add = torch.baddbmm if out.requires_grad else torch.Tensor.baddbmm_
             return add(out3d, hT.mT, Bt).view(out.shape)
         return (out3d + torch.bmm(hT.mT, Bt).to(out.dtype)).view(out.shape)
+
+    def routed_factors(self, rows: RequestRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A (batch, r, in) and (s B)^T (batch, r, out), gathered at the batch's first forward."""
+        if self._routed is None or self._routed[0] is not rows:
+            self._routed = (rows, *self._gather(rows, device))
+        return self._routed[1], self._routed[2]
 
     def end_route(self) -> None:
         self.route, self._routed = None, None
