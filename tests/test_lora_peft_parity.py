@@ -160,9 +160,9 @@ def test_merge_refuses_a_layer_with_another_adapter():
 # ------------------------------------------------------------------ the fused and shared products
 @pytest.mark.parametrize("case", ["llama-all-linear", "gpt2-conv1d"])
 def test_loss_and_gradients_match_peft(case):
-    """One fused product-and-add per layer, one rank product per group of layers reading the
-    same input (q/k/v, gate/up): the loss and every A and B gradient are PEFT's, within fp32
-    rounding."""
+    """One fused product-and-add per layer (in place into an nn.Linear's output), one rank
+    product per group of layers reading the same input (q/k/v, gate/up): the loss and every A
+    and B gradient are PEFT's, within fp32 rounding."""
     from peftrun.loss import labelled_loss_sum
 
     model_name, targets, peft_targets, rslora = CASES[case]
@@ -178,7 +178,13 @@ def test_loss_and_gradients_match_peft(case):
             layers[name].lora_B["default"].weight.copy_(layer.lora_B[adapter.name])
     batch = toy_batch(tokenizer)
     adapter.set_prompt_mask(batch["prompt_mask"])
-    loss = labelled_loss_sum(model, batch)
+    out_of_place = []
+    addmm = torch.addmm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "addmm", lambda *a, **k: out_of_place.append(1) or addmm(*a, **k))
+        loss = labelled_loss_sum(model, batch)
+    if model_name == "tiny":  # nn.Linear: the update goes into the frozen output in place, under autograd too
+        assert not out_of_place
     loss.backward()
     peft_loss = labelled_loss_sum(peft_model, batch)
     peft_loss.backward()

@@ -64,11 +64,23 @@ class WrapperLayer(AdapterLayer):
         return name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.mixed_batch():
-            return self.add_per_request(out, x)
+            return self.add_per_request(self.base_layer(x, *args, **kwargs), x)
         name = self.plain_adapter()
-        return out if name is None else self.add_update(out, x, name)
+        if name is None:
+            return self.base_layer(x, *args, **kwargs)
+        if type(self.base_layer) is nn.Linear and x.dim() > 2:
+            # On the input as a matrix the frozen output is a new matrix, not a view of one: the
+            # update can go into it in place (`fresh_output`), sparing a copy of the output.
+            out = self.add_update(self.base_layer(x.reshape(-1, x.shape[-1])), x, name)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return self.add_update(self.base_layer(x, *args, **kwargs), x, name)
+
+    def fresh_output(self, out: torch.Tensor) -> bool:
+        """Whether `out`, this layer's frozen output, may take the update in place even where
+        autograd records it: an nn.Linear's output for a matrix input is a new matrix (not a
+        view, so no CopySlices) that its backward does not keep."""
+        return type(self.base_layer) is nn.Linear and out.dim() == 2 and out._base is None
 
     def _weight_and_delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.base_layer.weight
@@ -92,16 +104,18 @@ class WrapperLayer(AdapterLayer):
             self.merged.remove(name)
 
 
-def add_low_rank(out: torch.Tensor, hT: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+def add_low_rank(out: torch.Tensor, hT: torch.Tensor, Bt: torch.Tensor, fresh: bool = False) -> torch.Tensor:
     """out + hT^T Bt in one fused pass over `out` (..., n): hT (r, tokens) the rank product,
     Bt (r, n) the scaled up-projection, transposed and contiguous (its gradient is then the
-    fast (r, tokens) x (tokens, n) product). An output of another dtype than the product's (a
+    fast (r, tokens) x (tokens, n) product). In place where autograd records nothing
+    (generation) or `out` is `fresh` (WrapperLayer.fresh_output); out of place, the sum is a new
+    tensor and `out` is copied into it first. An output of another dtype than the product's (a
     bf16 backbone with fp32 adapters) gets the update computed in the product's dtype, then cast."""
-    out2d = out.reshape(-1, out.shape[-1])
+    out2d = out if out.dim() == 2 else out.reshape(-1, out.shape[-1])
     if out.dtype == hT.dtype or torch.is_autocast_enabled(out.device.type):
-        # in place where autograd records neither (generation): `out` is the frozen layer's fresh output
         recorded = out.requires_grad or hT.requires_grad or Bt.requires_grad
-        add = torch.Tensor.addmm_ if not recorded and out.dtype == hT.dtype == Bt.dtype else torch.addmm
+        in_place = (fresh or not recorded) and out.dtype == hT.dtype == Bt.dtype
+        add = torch.Tensor.addmm_ if in_place else torch.addmm
         return add(out2d, hT.t(), Bt).view(out.shape)
     return (out2d + (hT.t() @ Bt).to(out.dtype)).view(out.shape)
 

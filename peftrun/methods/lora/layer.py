@@ -117,7 +117,7 @@ class LoraLinear(WrapperLayer):
         else:
             A, B = self.factors(name)
             hT = rank_product(A, self.lora_dropout[name](x))
-        return add_low_rank(out, hT, B.t().contiguous())
+        return add_low_rank(out, hT, B.t().contiguous(), self.fresh_output(out))
 
     def _add_ablations(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """ALoRA's scoring: the batch is K stacked copies, copy k gated by `ablation_gate` row k
@@ -128,7 +128,7 @@ class LoraLinear(WrapperLayer):
         A, B = self.lora_A[name][slots], self.lora_B[name][:, slots] * self.scaling[name]
         k = self.ablation_gate.shape[0]
         hT = rank_product(A, x).unflatten(1, (k, -1)) * self.ablation_gate.t()[:, :, None]
-        return add_low_rank(out, hT.flatten(1), B.t().contiguous())
+        return add_low_rank(out, hT.flatten(1), B.t().contiguous(), self.fresh_output(out))
 
     # ------------------------------------------------------------------ a mixed-tenant batch
     def add_per_request(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ class TiedLoraLinear(WrapperLayer):
 
     def add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         block = self.tied_lora[name]
-        return add_low_rank(out, block.product(x), block.up(*self.slices[name]))
+        return add_low_rank(out, block.product(x), block.up(*self.slices[name]), self.fresh_output(out))
 
     def add_per_request(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """v_i * (B_i (u_i * (A_i x))) for each row i with its own adapter's tensors (this
