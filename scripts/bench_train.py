@@ -8,7 +8,8 @@ the backbone, LoRA and IAPT.
 
 Each configuration runs in its own process (peak memory is a per-process high-water mark):
 warm-up steps, then the median of timed optimizer steps (forward, backward, AdamW) on one
-batch. ALoRA is also timed as a whole run with its allocation rounds, against LoRA's run.
+batch. On SmolLM2's shape an adapter's steps alternate with a frozen backbone's in the same
+process, and its ratio to the backbone is the median of the per-pair ratios. ALoRA is also timed as a whole run with its allocation rounds, against LoRA's run.
 
 Its tables go into docs/benchmarks.md too (sections `train` and `train-alora-runs`, and the
 machine's at the top; `--no-doc` leaves the page alone, `--doc PATH` writes another copy).
@@ -164,14 +165,40 @@ def measure(name: str, args) -> dict:
 def measure_smollm2(name: str, args) -> dict:
     """One SmolLM2-shape configuration, in this process, one thread: seconds per optimizer step
     on batch 4 x (128 or 512) random ids, the loss on the last 32 tokens of each row, the LM head
-    at those positions only (peftrun's training loss; PEFT's model gets the same call)."""
+    at those positions only (peftrun's training loss; PEFT's model gets the same call). An
+    adapter's steps alternate with a frozen backbone's in the same process, and its ratio is the
+    median of the per-pair ratios: drift in the machine's speed moves both sides of a pair."""
+    import torch
+
+    torch.set_num_threads(SMOLLM2["threads"])
+    spec, seq = SMOLLM2_CONFIGS[name]
+    step, params, built = smollm2_stepper(spec, seq)
+    for _ in range(args.warmup):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before a reference model exists
+    result = {"name": name, "built": built, "seq": seq, "peak_rss_mib": peak,
+              "trainable": sum(p.numel() for p in params)}
+    if spec is None:
+        result["seconds"] = statistics.median(step() for _ in range(args.steps))
+        return result
+    reference, _, _ = smollm2_stepper(None, seq)
+    for _ in range(args.warmup):
+        reference()
+    pairs = [(reference(), step()) for _ in range(args.steps)]
+    result.update(seconds=statistics.median(s for _, s in pairs),
+                  backbone_seconds=statistics.median(b for b, _ in pairs),
+                  vs_backbone=statistics.median(s / b for b, s in pairs))
+    return result
+
+
+def smollm2_stepper(spec, seq: int):
+    """(one timed optimizer step as a function, the trainable parameters, what the model is) of
+    a SmolLM2-shape configuration, on the same random batch for every configuration."""
     import torch
 
     from peftrun.loss import keeps_logits, labelled_loss_sum
 
-    torch.set_num_threads(SMOLLM2["threads"])
     torch.manual_seed(0)
-    spec, seq = SMOLLM2_CONFIGS[name]
     model, tokenizer, built = smollm2_model()
     kept = keeps_logits(model)
     ids = torch.randint(4, len(tokenizer), (SMOLLM2["batch"], seq))
@@ -194,12 +221,7 @@ def measure_smollm2(name: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    for _ in range(args.warmup):
-        step()
-    times = [step() for _ in range(args.steps)]
-    return {"name": name, "seconds": statistics.median(times), "built": built, "seq": seq,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable": sum(p.numel() for p in params)}
+    return step, params, built
 
 
 def attach(model, spec):
@@ -223,17 +245,18 @@ def attach(model, spec):
 
 
 def smollm2_table(rows: list[dict], args) -> list[str]:
-    """Each row against the backbone and PEFT's LoRA at its own length (PEFT: at 128 only)."""
-    floor = {r["seq"]: r["seconds"] for r in rows if r["name"].startswith("backbone")}
+    """Each row against the backbone stepped beside it in its process (the backbone's own row:
+    itself) and against PEFT's LoRA at 128 tokens (across processes)."""
     peft_s = next(r["seconds"] for r in rows if r["name"] == "peft lora r=8")
     lines = [f"{rows[0]['built']}, batch {SMOLLM2['batch']} x 128 tokens (and 512 where named), labels on the "
-             f"last {SMOLLM2['labelled']}, fp32, {SMOLLM2['threads']} torch thread; median of {args.steps} steps "
-             f"after {args.warmup} warm-up steps, each configuration in its own process.", "",
+             f"last {SMOLLM2['labelled']}, fp32, {SMOLLM2['threads']} torch thread; each configuration in its own "
+             f"process after {args.warmup} warm-up steps, its {args.steps} timed steps alternating with a frozen "
+             "backbone's in that process: s / step the median, x backbone the median of the per-pair ratios.", "",
              "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         vs_peft = f"{r['seconds'] / peft_s:.2f}" if r["seq"] == 128 else "-"
-        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / floor[r['seq']]:.2f} | "
+        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r.get('vs_backbone', 1.0):.2f} | "
                      f"{vs_peft} | {r['peak_rss_mib']:.0f} |")
     return lines
 

@@ -310,6 +310,8 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
         if kind == "smollm2":
             row.update(built="SmolLM2-135M's shape, randomly initialised", seq=512 if "512" in name else 128,
                        seconds=2.0 if name.startswith("backbone") else 2.5)
+            if not name.startswith("backbone"):  # paired with a backbone in its process
+                row.update(backbone_seconds=2.1, vs_backbone=1.19)
         return row
 
     monkeypatch.setattr(bench, "run_child", run_child)
@@ -322,7 +324,8 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
     after = check_written(copy, ["train", "train-alora-runs"], command, out)
     assert "median of 2 steps after 1 warm-up steps" in after["train"]
     assert "SmolLM2-135M's shape, randomly initialised, batch 4 x 128 tokens" in after["train"]
-    assert "| iapt bottleneck 64, 512 tokens | 1,234 | 2.500 | 1.25 | - | 500 |" in after["train"]
+    assert "| iapt bottleneck 64, 512 tokens | 1,234 | 2.500 | 1.19 | - | 500 |" in after["train"]
+    assert "| backbone (frozen, fwd+bwd), 512 tokens | 1,234 | 2.000 | 1.00 | - | 500 |" in after["train"]
     assert "= 1.50x;" in after["train-alora-runs"] and "| configuration |" not in after["train-alora-runs"]
     assert (tmp_path / "bench" / "train.md").read_text() == out
 
