@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import benchmarks_doc  # noqa: E402  (beside this script)
 from quality import benchmark, lr as lr_module, report  # noqa: E402
 from quality.methods import DEFAULT_METHODS, METHODS, count, knob_text, match_budget  # noqa: E402
-from quality.runs import Plan, zero_shot  # noqa: E402
+from quality.runs import Plan, add_run_arguments, check_run_arguments, zero_shot  # noqa: E402
 
 # The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them):
 # the backbone and the learning curves, or (--sweep-lr) the learning rates.
@@ -73,10 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's picked lr")
     p.add_argument("--picks", default=str(lr_module.PICKS), help="the learning-rate picks file (default: %(default)s)")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--runs", default=None, help="keep the run folders here (default: a temporary folder)")
-    p.add_argument("--reuse", action="store_true", help="with --runs: read the runs already finished there (an "
-                   "interrupted benchmark, more tasks or methods) instead of training them again")
-    p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
+    add_run_arguments(p)
     p.add_argument("--smoke", action="store_true", help="a throwaway backbone, 4 steps, tiny splits, one seed")
     p.add_argument("--doc", default=None, help="the page to write the tables into (default: "
                    f"{benchmarks_doc.DOC}; with --smoke, a throwaway copy of it)")
@@ -86,8 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "after --sweep-steps), the best mean dev loss over the tasks picked into --picks")
     p.add_argument("--sweep-steps", type=int, default=300, help="steps per sweep run (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.reuse and not args.runs:
-        p.error("--reuse reads the run folders of --runs: give --runs DIR")
+    check_run_arguments(p, args)
     args.tasks = args.tasks.split(",")
     args.methods = args.methods.split(",")
     for m in args.methods:

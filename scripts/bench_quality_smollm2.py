@@ -46,7 +46,7 @@ import benchmarks_doc  # noqa: E402  (beside this script)
 from bench_quality import eval_every, picks_path  # noqa: E402
 from quality import benchmark, chat_data, lr as lr_module, report  # noqa: E402
 from quality.methods import METHODS, count, knob_text, match_budget  # noqa: E402
-from quality.runs import Plan, zero_shot  # noqa: E402
+from quality.runs import Plan, add_run_arguments, check_run_arguments, zero_shot  # noqa: E402
 
 # The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them).
 DOC_SECTIONS = ("quality-smollm2", "quality-smollm2-lr")
@@ -84,10 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's picked lr")
     p.add_argument("--picks", default=str(lr_module.PICKS), help="the learning-rate picks file (default: %(default)s)")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--runs", default=None, help="keep the run folders here (default: a temporary folder)")
-    p.add_argument("--reuse", action="store_true", help="with --runs: read the runs already finished there (an "
-                   "interrupted benchmark, more tasks or methods) instead of training them again")
-    p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
+    add_run_arguments(p)
     p.add_argument("--smoke", action="store_true", help="4 steps, tiny splits, one seed, nothing written to the page "
                    "or the picks file")
     p.add_argument("--doc", default=str(benchmarks_doc.DOC), help="the page to write the table into (default: %(default)s)")
@@ -98,8 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-steps", type=int, default=60, help="steps per sweep run (default: %(default)s)")
     p.add_argument("--sweep-tasks", default="synth_qa", help="the sweep's tasks (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.reuse and not args.runs:
-        p.error("--reuse reads the run folders of --runs: give --runs DIR")
+    check_run_arguments(p, args)
     args.tasks = args.tasks.split(",")
     args.sweep_tasks = args.sweep_tasks.split(",")
     args.methods = args.methods.split(",")

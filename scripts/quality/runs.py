@@ -9,6 +9,7 @@ not depend on how often the benchmark evaluates.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -21,6 +22,19 @@ from pathlib import Path
 
 from . import curves
 from .methods import METHODS, alora_schedule, compose, folder_name, method_overrides
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The run-folder options every quality benchmark takes: --runs, --reuse, --workers."""
+    p.add_argument("--runs", default=None, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true", help="with --runs: read the runs already finished there (an "
+                   "interrupted benchmark, more tasks or methods) instead of training them again")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time, one torch thread each (1: in this process)")
+
+
+def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.reuse and not args.runs:
+        p.error("--reuse reads the run folders of --runs: give --runs DIR")
 
 
 @dataclass(frozen=True)
