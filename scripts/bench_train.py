@@ -9,7 +9,8 @@ the backbone, LoRA and IAPT.
 Each configuration runs in its own process (peak memory is a per-process high-water mark):
 warm-up steps, then the median of timed optimizer steps (forward, backward, AdamW) on one
 batch. On SmolLM2's shape an adapter's steps alternate with a frozen backbone's in the same
-process, and its ratio to the backbone is the median of the per-pair ratios. ALoRA is also timed as a whole run with its allocation rounds, against LoRA's run.
+process, and its ratio to the backbone is the median of the per-pair ratios. ALoRA is also
+timed as a whole run with its allocation rounds, against LoRA's run.
 
 Its tables go into docs/benchmarks.md too (sections `train` and `train-alora-runs`, and the
 machine's at the top; `--no-doc` leaves the page alone, `--doc PATH` writes another copy).
@@ -186,7 +187,6 @@ def measure_smollm2(name: str, args) -> dict:
         reference()
     pairs = [(reference(), step()) for _ in range(args.steps)]
     result.update(seconds=statistics.median(s for _, s in pairs),
-                  backbone_seconds=statistics.median(b for b, _ in pairs),
                   vs_backbone=statistics.median(s / b for b, s in pairs))
     return result
 

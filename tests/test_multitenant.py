@@ -199,14 +199,7 @@ def test_a_mixed_batch_shares_the_rank_product_of_layers_reading_one_input(monke
     from peftrun.methods.lora import input_groups, layer as lora_layer
 
     model, tokenizer = tiny_model("tiny")
-    adapters = {}
-    for i, name in enumerate(("a", "b")):
-        cfg = method_config("method=lora", "model=tiny", "method.targets=all-linear", f"method.r={2 + 2 * i}")
-        torch.manual_seed(i)
-        adapters[name] = build_method(cfg).attach(model, adapter_name=name)
-        with torch.no_grad():
-            for _, p in adapters[name].trainable_parameters():
-                p.add_(torch.randn_like(p) * 0.3)
+    adapters = attach(model, "tiny", "lora", names=("a", "b"))  # r=4 and r=2, every linear
     batch = encode_prompts(PROMPTS, tokenizer, 64)
     calls = []
     product = input_groups.per_row_product

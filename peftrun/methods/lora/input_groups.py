@@ -20,6 +20,7 @@ from torch import nn
 
 from ..common.blocks import decoder_blocks
 from ..common.layouts import LayoutError, attention_layout, mlp_layout
+from ..common.routing import RequestRows
 from ..common.wrapper import rank_product
 
 
@@ -54,7 +55,8 @@ class InputGroup:
         """(A x as (r, tokens), s B) of `layer`'s adapter `name` on its open ranks."""
         return self._shared(layer, x, name, lambda m: m.shares_input(name), lambda m: m.factors(name), rank_product)
 
-    def product_per_request(self, layer: nn.Module, x: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def product_per_request(self, layer: nn.Module, x: torch.Tensor, rows: RequestRows
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_i x_i as (batch, r, tokens), (s_i B_i)^T as (batch, r, out)) of `layer` in the
         mixed-tenant batch routed by `rows`: every row through its own adapter."""
         return self._shared(layer, x, rows, lambda m: m.mixed_batch() and m.route.rows is rows,
