@@ -251,6 +251,7 @@ def evaluate_adapter(run: Path, output: Path, overrides: list[str] = (), task_fi
     (atomically: a temporary sibling, then a rename). Returns the metrics."""
     from .config import ModelConfig
     from .generate import generate
+    from .host_memory import keep_freed_memory
     from .methods import replace_dir
     from .models import load_tokenizer
     from .multitenant import load_tenants, locate_adapter
@@ -286,6 +287,7 @@ def evaluate_adapter(run: Path, output: Path, overrides: list[str] = (), task_fi
         raise ConfigError("task", "the test split is empty; give a test file with records "
                                   "(--task-file) or task.max_eval_samples above 0")
     trainer = run_dict.get("trainer") or {}
+    keep_freed_memory()  # each batch reuses the last one's memory (host_memory.py)
     model, tokenizer, router, _ = load_tenants({"default": run}, device, trust_remote_code=trust_remote_code)
     predictions = generate(model, tokenizer, router, [e.prompt for e in examples],
                            batch_size=batch_size or trainer.get("eval_batch_size") or 32,

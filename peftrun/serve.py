@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, fail
+from .host_memory import keep_freed_memory
 from .multitenant import generate_mixed, load_tenants, locate_adapter
 
 PROG = "peftrun-generate"
@@ -117,6 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def serve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    keep_freed_memory()  # each batch reuses the last one's memory (host_memory.py)
     adapters: dict[str, str] = {}
     if args.run is not None:
         adapters[DEFAULT_ADAPTER] = args.run

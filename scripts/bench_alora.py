@@ -220,6 +220,9 @@ def main() -> None:
     doc = None if args.no_doc else Path(args.doc)
     benchmarks_doc.preflight("bench_alora.py", DOC_SECTIONS, doc)
     torch.set_num_threads(args.threads)
+    from peftrun.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
     rows = [measure(name, args) for name in args.models.split(",")]
     table = tables(rows, args)
     print(table)

@@ -146,6 +146,9 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from peftrun.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     models = {label: build(label, args) for label in args.methods}

@@ -193,7 +193,9 @@ def main() -> None:
     doc = None if args.no_doc else Path(args.doc)
     benchmarks_doc.preflight("bench_packing.py", DOC_SECTIONS, doc)
     torch.set_num_threads(args.threads)
+    from peftrun.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
     features = instruction_set(args.examples, args.max_length, args.vocab)
     lengths = sorted(len(f["input_ids"]) for f in features)
     median, p90 = lengths[len(lengths) // 2], lengths[int(0.9 * len(lengths))]

@@ -73,9 +73,11 @@ def measure(name: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from peftrun.host_memory import keep_freed_memory
     from peftrun.methods import build_method
     from peftrun.models import build_model, load_tokenizer
 
+    keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
     torch.manual_seed(0)
     spec = CONFIGS[name]
     cfg = compose(["model=smollm2_135m", f"model.name_or_path={Path(args.folder).resolve()}", *(spec or ())])

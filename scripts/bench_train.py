@@ -348,6 +348,10 @@ def main() -> None:
     parser.add_argument("--child", choices=["step", "run", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child is not None:
+        from peftrun.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
     if args.child == "step":
         print(json.dumps(measure(args.name, args)))
         return

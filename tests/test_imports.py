@@ -19,7 +19,7 @@ LAYERS = [
     ("run", ("peftrun.validate", "peftrun.train")),
     ("serving", ("peftrun.multitenant", "peftrun.export", "peftrun.generate")),
     ("parts", ("peftrun.methods", "peftrun.tasks", "peftrun.data", "peftrun.models", "peftrun.model_checks", "peftrun.token_cache",
-               "peftrun.distributed", "peftrun.loss", "peftrun.packing")),
+               "peftrun.distributed", "peftrun.loss", "peftrun.packing", "peftrun.host_memory")),
     ("foundations", ("peftrun.config", "peftrun.errors", "peftrun")),
 ]
 # Every package under peftrun/methods/ but common/ is a method.

@@ -25,6 +25,7 @@ from ..data import IGNORE_INDEX, collate, real_tokens
 from ..distributed import is_sharded, make_accelerator, padded_shard
 from ..errors import ConfigError
 from ..generate import generate
+from ..host_memory import keep_freed_memory
 from ..loss import keeps_logits, label_tokens, labelled_loss_sum
 from ..methods import ADAPTER_WEIGHTS, save_adapter
 from ..models import build_model
@@ -89,6 +90,7 @@ class Trainer:
         run folder (locked by the main process: one run per folder), and the checkpoint to
         resume from, if any."""
         t = self.t
+        keep_freed_memory()  # no page faults to take back each step's memory (host_memory.py)
         self.acc = make_accelerator(t, self.run_dir)  # with the trackers of trainer.report_to
         # Lines are not wrapped at 80 columns in a log file (tables still fit the width).
         self.console = Console(quiet=not self.acc.is_main_process, highlight=False, soft_wrap=True)
