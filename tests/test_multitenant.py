@@ -221,3 +221,33 @@ def test_a_mixed_batch_shares_the_rank_product_of_layers_reading_one_input(monke
     assert calls == [4] * 7 * layers
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(shared, routed_logits(("b", "a", None, "a", "b", None)), atol=1e-3), "the routing matters"
+
+
+@pytest.mark.parametrize("method", ["lora", "alora"])
+def test_a_mixed_batch_sees_an_adapter_as_it_is_now(method):
+    """Each layer keeps a tenant's (A, s B) between batches: a change in place (new weights, a
+    rank closed) reaches the next batch, which then equals one that builds everything afresh."""
+    from peftrun.data import encode_prompts
+
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", method, names=("a", "b"))
+    batch = encode_prompts(PROMPTS, tokenizer, 64)
+    names = ["a", "b", None, "b", "a", None]
+
+    def routed_logits() -> torch.Tensor:
+        with torch.no_grad(), adapters["a"].routing(names):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    before = routed_logits()
+    layers = adapters["b"].layers.values()
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B["b"].mul_(2.0)
+            if method == "alora":
+                layer.lora_gate["b"][0] = 0.0
+    after = routed_logits()
+    for layer in layers:
+        layer._pairs.clear()
+    torch.testing.assert_close(after, routed_logits(), rtol=0, atol=0)
+    torch.testing.assert_close(after[[0, 2, 4, 5]], before[[0, 2, 4, 5]], rtol=1e-5, atol=1e-5)  # a's rows, the backbone's
+    assert not torch.allclose(after[[1, 3]], before[[1, 3]], atol=1e-3)

@@ -17,7 +17,7 @@ A method joins the registry with `@register_method` (registry.py); see docs/addi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -155,7 +155,7 @@ class Adapter:
 
     def tenants(self) -> list[str]:
         """Names of every adapter of this family on the backbone, first seen first."""
-        return list(dict.fromkeys(n for layer in self.shared_layers() for n in layer.adapter_names()))
+        return held_adapters(self.shared_layers())
 
     def activate(self) -> None:
         """Make this adapter the only one the model applies (layers it does not adapt apply none)."""
@@ -170,8 +170,8 @@ class Adapter:
     def routing(self, names: list[str | None]) -> Iterator[None]:
         """Within the context, batch row i goes through adapter names[i] of this family (None:
         the backbone) on every layer of the backbone: one batch, many tenants. Inference only."""
-        layers = self.shared_layers()
-        check_tenants(names, self.tenants())
+        layers = self.shared_layers()  # one walk of the model per batch
+        check_tenants(names, held_adapters(layers))
         check_unmerged(layers)
         route = self.make_route(RequestRows(names))
         for layer in layers:
@@ -274,3 +274,8 @@ class Method:
     def attach(self, model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> Adapter:
         """Validate, freeze the backbone, inject; the adapter owns every trainable tensor."""
         raise NotImplementedError
+
+
+def held_adapters(layers: Iterable[AdapterLayer]) -> list[str]:
+    """Names of the adapters `layers` hold, first seen first."""
+    return list(dict.fromkeys(n for layer in layers for n in layer.adapter_names()))
