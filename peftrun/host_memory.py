@@ -2,8 +2,8 @@
 to the system once it passes a threshold, and the next step takes that memory back one page
 fault per 4 KiB page. A training step frees most of what it allocated (activations, gradients)
 at its end, so on CPU it pays those faults every step: on SmolLM2's shape about 24,000 per LoRA
-step, 6% of the step (docs/benchmarks.md). Keeping freed memory in the heap spares them and
-costs no peak memory: the next step reuses it.
+step, 3-7% of its time in paired runs (docs/benchmarks.md). Keeping freed memory in the heap
+spares them and costs no peak memory: the next step reuses it.
 
 Applied once per process by the commands that run a model (training, generation, evaluation).
 Left alone where the user chose an allocator: glibc's MALLOC_* or GLIBC_TUNABLES settings, or a

@@ -192,6 +192,7 @@ class LoraLinear(WrapperLayer):
                                         A.detach(), sB.detach().t().contiguous())
         return kept[2], kept[3]
 
+
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """`t` (k, n) with zero rows appended up to `rows`."""
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
