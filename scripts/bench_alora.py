@@ -86,8 +86,9 @@ def setup(model_name: str, dev_batch: int, train_steps: int = 0):
 
 def fit(adapter, batches, lr: float = 1e-3) -> None:
     from peftrun.loss import labelled_loss_sum
+    from peftrun.train.optimizer import adamw
 
-    optimizer = torch.optim.AdamW([p for _, p in adapter.trainable_parameters()], lr=lr)
+    optimizer = adamw([p for _, p in adapter.trainable_parameters()], lr=lr)
     adapter.model.train()
     for batch in batches:
         (labelled_loss_sum(adapter.model, batch) / int((batch["labels"][:, 1:] != -100).sum())).backward()
@@ -98,8 +99,9 @@ def fit(adapter, batches, lr: float = 1e-3) -> None:
 def lora_step_seconds(lora, batch, steps: int = 3) -> float:
     """Median seconds of a LoRA training step (forward, backward, AdamW) on `batch`, after one warm-up."""
     from peftrun.loss import labelled_loss_sum
+    from peftrun.train.optimizer import adamw
 
-    optimizer = torch.optim.AdamW([p for _, p in lora.trainable_parameters()], lr=1e-5)
+    optimizer = adamw([p for _, p in lora.trainable_parameters()], lr=1e-5)
     lora.model.train()
     n = int((batch["labels"][:, 1:] != -100).sum())
     times = []

@@ -46,6 +46,8 @@ import benchmarks_doc  # noqa: E402  (beside this script)
 from bench_packing import METHODS as PACKING_METHODS, PAD, instruction_set  # noqa: E402
 from bench_train import CONFIGS, attach  # noqa: E402
 
+from peftrun.train.optimizer import adamw  # noqa: E402
+
 # The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them).
 DOC_SECTIONS = ("gpu",)
 
@@ -133,7 +135,7 @@ def measure_step(shape: str, name: str, args) -> dict:
     model = build_backbone(shape, device, args.dtype, args.seq)
     flops = backbone_flops(model, batch_size, args.seq, args.seq // 4)
     model, adapter, params = attach(model, CONFIGS[name])
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = adamw(params, lr=1e-4) if params else None
     model.train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, model.config.vocab_size, (batch_size, args.seq), generator=g)
@@ -166,7 +168,7 @@ def measure_packing(shape: str, method: str, packed: bool, features: list[dict],
     model = build_backbone(shape, device, args.dtype, args.seq)
     torch.manual_seed(0)
     model, adapter, params = attach(model, PACKING_METHODS[method])
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = adamw(params, lr=1e-4)
     model.train()
     order = DataOrder(len(features), PACKING_MICRO_BATCH, seed=0)
     tokens, seconds = 0, 0.0

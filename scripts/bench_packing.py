@@ -111,12 +111,13 @@ def measure(method: str, mode: str, features: list[dict], args) -> dict:
     from peftrun.data import collate, real_tokens
     from peftrun.loss import label_tokens, labelled_loss_sum
     from peftrun.methods import build_method
+    from peftrun.train.optimizer import adamw
     from peftrun.train.schedule import DataOrder
 
     model = backbone(args.layers, args.vocab, args.max_length)
     torch.manual_seed(0)
     adapter = build_method(compose(METHODS[method]).method).attach(model)
-    optimizer = torch.optim.AdamW([p for _, p in adapter.trainable_parameters()], lr=1e-4)
+    optimizer = adamw([p for _, p in adapter.trainable_parameters()], lr=1e-4)
     model.train()
     lengths = [len(f["input_ids"]) for f in features] if mode == "group_by_length" else None
     order = DataOrder(len(features), args.micro_batch, seed=0, lengths=lengths)

@@ -76,6 +76,7 @@ def measure(name: str, args) -> dict:
     from peftrun.host_memory import keep_freed_memory
     from peftrun.methods import build_method
     from peftrun.models import build_model, load_tokenizer
+    from peftrun.train.optimizer import adamw
 
     keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
     torch.manual_seed(0)
@@ -99,7 +100,7 @@ def measure(name: str, args) -> dict:
     else:
         adapter = build_method(cfg.method).attach(model)
         params = [p for _, p in adapter.trainable_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = adamw(params, lr=1e-4) if params else None
     model.train()
 
     def step() -> float:

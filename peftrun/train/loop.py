@@ -34,6 +34,7 @@ from ..validate import Prepared, check_batch, run_length
 from .callbacks import Checkpointer, EarlyStopping, MetricsLog, Progress, fire
 from .checkpoint import check_finite_tensors, divergence_error, latest_checkpoint, load_checkpoint, remove_partial
 from .curves import write_curves
+from .optimizer import adamw
 from .preemption import PreemptionFlag, catch_preemption
 from .resume_point import adopt_resume_point, check_resumable
 from .runlock import acquire_run_lock, release_run_lock
@@ -170,10 +171,8 @@ class Trainer:
         """AdamW over the adapter's parameter groups, the learning-rate schedule, and the
         accelerator's wrapping (DDP or FSDP) of the model and the optimizer."""
         t = self.t
-        optimizer = torch.optim.AdamW(
-            self.adapter.param_groups(t.lr), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-            weight_decay=t.weight_decay,
-        )
+        optimizer = adamw(self.adapter.param_groups(t.lr), sharded=is_sharded(self.acc), lr=t.lr,
+                          betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
         schedule = lr_lambda(self.total_steps, self.warmup, t.scheduler)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
