@@ -1,15 +1,17 @@
 """Training cost per method against references measured in the same run: the frozen backbone's
 forward + backward (the floor) and Hugging Face PEFT's LoRA at the same rank; on a small random
-Llama (`--hidden`, `--layers`, every token labelled) and on SmolLM2-135M's shape (30 layers, hidden
-576, 9/3 heads, vocab 49,152: its real weights from models/smollm2_135m when that folder is there,
-`make smollm2`, else the same shape randomly initialised; the table says which), one torch thread,
-batch 4 x 128 tokens with labels on the last 32 (the LM head only there), and at 512 tokens for
-the backbone, LoRA and IAPT.
+Llama (`--hidden`, `--layers`, `--batch` x `--seq` tokens, labels on the second half of each row,
+torch threads default) and on SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads, vocab
+49,152: its real weights from models/smollm2_135m when that folder is there, `make smollm2`,
+else the same shape randomly initialised; the table says which), one torch thread, batch 4 x 128
+tokens with labels on the last 32, and at 512 tokens for the backbone, LoRA and IAPT. The LM
+head runs where a label is (peftrun's training loss); the optimizer is the run's AdamW.
 
 Each configuration runs in its own process (peak memory is a per-process high-water mark):
-warm-up steps, then the median of timed optimizer steps (forward, backward, AdamW) on one
-batch. On SmolLM2's shape an adapter's steps alternate with a frozen backbone's in the same
-process, and its ratio to the backbone is the median of the per-pair ratios. ALoRA is also
+warm-up steps, then timed optimizer steps (forward, backward, AdamW) on one batch, alternating
+with a frozen backbone's in the same process; its ratio to the backbone is the median of the
+per-pair ratios, and its ratio to PEFT's LoRA that over PEFT's (a ratio of two ratios, each
+steady within its process, where raw seconds across processes swing by 15%). ALoRA is also
 timed as a whole run with its allocation rounds, against LoRA's run.
 
 Its tables go into docs/benchmarks.md too (sections `train` and `train-alora-runs`, and the
@@ -110,79 +112,37 @@ def model_overrides(args) -> list[str]:
             f"model.build.max_position_embeddings={max(256, args.seq)}"]
 
 
-def measure(name: str, args) -> dict:
-    """One configuration, in this process: seconds per optimizer step and peak RSS."""
-    import torch
-
-    from peftrun.methods import build_method
+def small_model(args):
+    """(model, tokenizer, what it is): the small random Llama of `--hidden` and `--layers`."""
     from peftrun.models import build_model, load_tokenizer
 
-    torch.manual_seed(0)
-    spec = CONFIGS[name]
-    cfg = compose(model_overrides(args) + (list(spec) if isinstance(spec, tuple) else []))
+    cfg = compose(model_overrides(args))
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer)
-    ids = torch.randint(4, len(tokenizer), (args.batch, args.seq))
-    mask = torch.ones_like(ids)
-    labels = ids.clone()
-    prompt_mask = torch.zeros_like(ids)
-    prompt_mask[:, : args.seq // 2] = 1
-    adapter = None
-    if spec is None:
-        embeddings = model.get_input_embeddings()
-        embeddings.weight.requires_grad_(True)  # something to differentiate: backward runs through every block
-        params = [embeddings.weight]
-    elif spec == "peft":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                           lora_dropout=0.0))
-        params = [p for p in model.parameters() if p.requires_grad]
-    else:
-        adapter = build_method(cfg.method).attach(model)
-        params = [p for _, p in adapter.trainable_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-
-    def step() -> float:
-        start = time.perf_counter()
-        if adapter is not None:
-            adapter.set_prompt_mask(prompt_mask)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        if spec is not None:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    for _ in range(args.warmup):
-        step()
-    times = [step() for _ in range(args.steps)]
-    return {"name": name, "seconds": statistics.median(times),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable": sum(p.numel() for p in params) if spec is not None else 0}
+    return build_model(cfg.model, tokenizer), tokenizer, f"Llama hidden {args.hidden}, {args.layers} layers"
 
 
-def measure_smollm2(name: str, args) -> dict:
-    """One SmolLM2-shape configuration, in this process, one thread: seconds per optimizer step
-    on batch 4 x (128 or 512) random ids, the loss on the last 32 tokens of each row, the LM head
-    at those positions only (peftrun's training loss; PEFT's model gets the same call). An
-    adapter's steps alternate with a frozen backbone's in the same process, and its ratio is the
-    median of the per-pair ratios: drift in the machine's speed moves both sides of a pair."""
+def measure(name: str, args, smollm2: bool) -> dict:
+    """One configuration, in this process: its steps (after warm-up) alternate with a frozen
+    backbone's in the same process, and its ratio to the backbone is the median of the per-pair
+    ratios: drift in the machine's speed moves both sides of a pair. s / step is the median of
+    its own steps; peak RSS is taken before the reference model exists."""
     import torch
 
-    torch.set_num_threads(SMOLLM2["threads"])
-    spec, seq = SMOLLM2_CONFIGS[name]
-    step, params, built = smollm2_stepper(spec, seq)
+    if smollm2:
+        torch.set_num_threads(SMOLLM2["threads"])
+        spec, seq = SMOLLM2_CONFIGS[name]
+        shape, build = (SMOLLM2["batch"], seq, SMOLLM2["labelled"]), smollm2_model
+    else:
+        spec, shape, build = CONFIGS[name], (args.batch, args.seq, args.seq // 2), lambda: small_model(args)
+    step, params, built = stepper(build, spec, *shape)
     for _ in range(args.warmup):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before a reference model exists
-    result = {"name": name, "built": built, "seq": seq, "peak_rss_mib": peak,
-              "trainable": sum(p.numel() for p in params)}
+    result = {"name": name, "built": built, "seq": shape[1], "trainable": sum(p.numel() for p in params),
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if spec is None:
         result["seconds"] = statistics.median(step() for _ in range(args.steps))
         return result
-    reference, _, _ = smollm2_stepper(None, seq)
+    reference = stepper(build, None, *shape)[0]
     for _ in range(args.warmup):
         reference()
     pairs = [(reference(), step()) for _ in range(args.steps)]
@@ -191,23 +151,27 @@ def measure_smollm2(name: str, args) -> dict:
     return result
 
 
-def smollm2_stepper(spec, seq: int):
+def stepper(build, spec, batch: int, seq: int, labelled: int):
     """(one timed optimizer step as a function, the trainable parameters, what the model is) of
-    a SmolLM2-shape configuration, on the same random batch for every configuration."""
+    a configuration on the model `build()` gives: one random batch of `batch` x `seq` ids, the
+    loss on the last `labelled` tokens of each row (the prompt: the rest) with the LM head at
+    those positions only, peftrun's training loss (PEFT's model gets the same call), and the
+    run's AdamW (peftrun/train/optimizer.py)."""
     import torch
 
     from peftrun.loss import keeps_logits, labelled_loss_sum
+    from peftrun.train.optimizer import adamw
 
     torch.manual_seed(0)
-    model, tokenizer, built = smollm2_model()
+    model, tokenizer, built = build()
     kept = keeps_logits(model)
-    ids = torch.randint(4, len(tokenizer), (SMOLLM2["batch"], seq))
+    ids = torch.randint(4, len(tokenizer), (batch, seq))
     labels = torch.full_like(ids, -100)
-    labels[:, -SMOLLM2["labelled"]:] = ids[:, -SMOLLM2["labelled"]:]
+    labels[:, -labelled:] = ids[:, -labelled:]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    prompt_mask = (labels == -100).long()  # PARA and IAPT read the prompt: all but the labelled tail
+    prompt_mask = (labels == -100).long()  # PARA and IAPT read the prompt
     model, adapter, params = attach(model, spec)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = adamw(params, lr=1e-4) if params else None
     model.train()
     n = int((labels[:, 1:] != -100).sum())
 
@@ -244,20 +208,21 @@ def attach(model, spec):
     return model, adapter, [p for _, p in adapter.trainable_parameters()]
 
 
-def smollm2_table(rows: list[dict], args) -> list[str]:
+def step_table(rows: list[dict], setting: str, args) -> list[str]:
     """Each row against the backbone stepped beside it in its process (the backbone's own row:
-    itself) and against PEFT's LoRA at 128 tokens (across processes)."""
-    peft_s = next(r["seconds"] for r in rows if r["name"] == "peft lora r=8")
-    lines = [f"{rows[0]['built']}, batch {SMOLLM2['batch']} x 128 tokens (and 512 where named), labels on the "
-             f"last {SMOLLM2['labelled']}, fp32, {SMOLLM2['threads']} torch thread; each configuration in its own "
-             f"process after {args.warmup} warm-up steps, its {args.steps} timed steps alternating with a frozen "
-             "backbone's in that process: s / step the median, x backbone the median of the per-pair ratios.", "",
-             "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
+    itself), and against PEFT's LoRA as the ratio of the two rows' backbone ratios (each taken
+    in its own process), at the shortest length."""
+    peft_x = next(r["vs_backbone"] for r in rows if r["name"] == "peft lora r=8")
+    lines = [f"{setting}; each configuration in its own process after {args.warmup} warm-up steps, its "
+             f"{args.steps} timed steps alternating with a frozen backbone's in that process: s / step the "
+             "median, x backbone the median of the per-pair ratios, x PEFT LoRA the ratio of the two x backbone.",
+             "", "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        vs_peft = f"{r['seconds'] / peft_s:.2f}" if r["seq"] == 128 else "-"
-        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r.get('vs_backbone', 1.0):.2f} | "
-                     f"{vs_peft} | {r['peak_rss_mib']:.0f} |")
+        x = r.get("vs_backbone", 1.0)
+        vs_peft = f"{x / peft_x:.2f}" if r["seq"] == rows[0]["seq"] else "-"
+        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {x:.2f} | {vs_peft} | "
+                     f"{r['peak_rss_mib']:.0f} |")
     return lines
 
 
@@ -352,11 +317,8 @@ def main() -> None:
         from peftrun.host_memory import keep_freed_memory
 
         keep_freed_memory()  # as peftrun's commands run (peftrun/host_memory.py)
-    if args.child == "step":
-        print(json.dumps(measure(args.name, args)))
-        return
-    if args.child == "smollm2":
-        print(json.dumps(measure_smollm2(args.name, args)))
+    if args.child in ("step", "smollm2"):
+        print(json.dumps(measure(args.name, args, smollm2=args.child == "smollm2")))
         return
     if args.child == "run":
         print(json.dumps({"seconds": whole_run(args.name, args)}))
@@ -367,36 +329,26 @@ def main() -> None:
 
     rows = [run_child("step", name, args) for name in CONFIGS]
     big = [] if args.no_smollm2 else [run_child("smollm2", name, args) for name in SMOLLM2_CONFIGS]
-    floor = rows[0]["seconds"]
-    peft_s = rows[1]["seconds"]
     runs = {} if args.no_whole_runs else {
         (m, s): run_child("run", f"{m}:{s}", args)["seconds"] for s in WHOLE_RUNS for m in ("lora", "alora")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setting = f"Training step, Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens"
-    lines = [
-        f"{setting}, fp32, {machine()}.",
-        "",
-        "| configuration | trainable | s / step | x backbone fwd+bwd | x PEFT LoRA | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['seconds'] / floor:.2f} | "
-                     f"{r['seconds'] / peft_s:.2f} | {r['peak_rss_mib']:.0f} |")
-    step_table = lines[1:]
+    small_table = step_table(rows, f"Training step, {rows[0]['built']}, batch {args.batch} x {args.seq} tokens, "
+                                   f"labels on the last {args.seq // 2}, fp32, torch threads default", args)
+    big_table = step_table(big, f"{big[0]['built']}, batch {SMOLLM2['batch']} x 128 tokens (and 512 where named), "
+                                f"labels on the last {SMOLLM2['labelled']}, fp32, {SMOLLM2['threads']} torch "
+                                "thread", args) if big else []
     whole = whole_runs_text(runs) if runs else []
-    big_table = smollm2_table(big, args) if big else []
-    lines += ["", *big_table, "", *whole] if big else ["", *whole]
+    lines = [f"On {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}).", "", *small_table, *(["", *big_table] if big else []), *(["", *whole] if whole else [])]
     (out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    bar_chart(out / "train.png", [r["name"] for r in rows], [r["seconds"] / peft_s for r in rows],
+    peft_x = next(r["vs_backbone"] for r in rows if r["name"] == "peft lora r=8")
+    bar_chart(out / "train.png", [r["name"] for r in rows], [r.get("vs_backbone", 1.0) / peft_x for r in rows],
               "seconds per training step / PEFT LoRA's", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
     # The page names the machine once, at the top: here the setting and the tables only.
     benchmarks_doc.publish("bench_train.py", {
-        "train": "\n".join([f"{setting}, fp32, torch threads default; median of {args.steps} steps after "
-                            f"{args.warmup} warm-up steps, each configuration in its own process.", *step_table,
-                            *(["", *big_table] if big else [])]),
+        "train": "\n".join([*small_table, *(["", *big_table] if big else [])]),
         "train-alora-runs": "\n".join(whole) if runs else None,  # --no-whole-runs: the page keeps its figures
     }, doc, DOC_SECTIONS)
 

@@ -306,12 +306,13 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
     def run_child(kind, name, args):
         if kind == "run":
             return {"seconds": 3.0 if name.startswith("alora") else 2.0}
-        row = {"name": name, "seconds": 0.1 + 0.01 * len(name), "peak_rss_mib": 500.0, "trainable": 1234}
+        row = {"name": name, "seconds": 0.1 + 0.01 * len(name), "peak_rss_mib": 500.0, "trainable": 1234,
+               "built": "Llama hidden 256, 4 layers", "seq": 128}
         if kind == "smollm2":
             row.update(built="SmolLM2-135M's shape, randomly initialised", seq=512 if "512" in name else 128,
                        seconds=2.0 if name.startswith("backbone") else 2.5)
-            if not name.startswith("backbone"):  # paired with a backbone in its process
-                row.update(vs_backbone=1.19)
+        if not name.startswith("backbone"):  # paired with a backbone in its process
+            row.update(vs_backbone=1.19 if kind == "smollm2" else 1.5 if name.startswith("peft") else 1.2)
         return row
 
     monkeypatch.setattr(bench, "run_child", run_child)
@@ -322,8 +323,11 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     command = shlex.join(["python", "scripts/bench_train.py", *argv])
     after = check_written(copy, ["train", "train-alora-runs"], command, out)
-    assert "median of 2 steps after 1 warm-up steps" in after["train"]
+    assert "after 1 warm-up steps, its 2 timed steps alternating" in after["train"]
+    assert "Training step, Llama hidden 256, 4 layers, batch 8 x 128 tokens" in after["train"]
     assert "SmolLM2-135M's shape, randomly initialised, batch 4 x 128 tokens" in after["train"]
+    assert "| lora r=8 | 1,234 | 0.180 | 1.20 | 0.80 | 500 |" in after["train"]  # 1.2 / PEFT's 1.5
+    assert "| backbone (frozen, fwd+bwd) | 1,234 | 0.360 | 1.00 | 0.67 | 500 |" in after["train"]
     assert "| iapt bottleneck 64, 512 tokens | 1,234 | 2.500 | 1.19 | - | 500 |" in after["train"]
     assert "| backbone (frozen, fwd+bwd), 512 tokens | 1,234 | 2.000 | 1.00 | - | 500 |" in after["train"]
     assert "= 1.50x;" in after["train-alora-runs"] and "| configuration |" not in after["train-alora-runs"]
