@@ -339,13 +339,14 @@ def main() -> None:
                                 f"labels on the last {SMOLLM2['labelled']}, fp32, {SMOLLM2['threads']} torch "
                                 "thread", args) if big else []
     whole = whole_runs_text(runs) if runs else []
-    lines = [f"On {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}).", "", *small_table, *(["", *big_table] if big else []), *(["", *whole] if whole else [])]
+    lines = [f"On {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}).", "", *small_table,
+             *(["", *big_table] if big else []), *(["", *whole] if whole else [])]
     (out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     peft_x = next(r["vs_backbone"] for r in rows if r["name"] == "peft lora r=8")
     bar_chart(out / "train.png", [r["name"] for r in rows], [r.get("vs_backbone", 1.0) / peft_x for r in rows],
-              "seconds per training step / PEFT LoRA's", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
+              "training step / PEFT LoRA's (each against the backbone)", ["#999"] * 2 + ["#3b7"] * (len(rows) - 2))
     # The page names the machine once, at the top: here the setting and the tables only.
     benchmarks_doc.publish("bench_train.py", {
         "train": "\n".join([*small_table, *(["", *big_table] if big else [])]),
