@@ -251,3 +251,44 @@ def test_a_mixed_batch_sees_an_adapter_as_it_is_now(method):
     torch.testing.assert_close(after, routed_logits(), rtol=0, atol=0)
     torch.testing.assert_close(after[[0, 2, 4, 5]], before[[0, 2, 4, 5]], rtol=1e-5, atol=1e-5)  # a's rows, the backbone's
     assert not torch.allclose(after[[1, 3]], before[[1, 3]], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["lora", "alora"])
+def test_inference_accumulates_the_frozen_product_into_the_update(method, monkeypatch):
+    """Where autograd records nothing, a LoRA layer on a plain linear computes its update first
+    and the frozen GEMM adds into it (WrapperLayer.frozen_into), for one adapter and for a mixed
+    batch; the logits are those of adding the update to the frozen output, and with gradients
+    on, or a linear with a bias, the update is added afterwards as before."""
+    from peftrun.data import encode_prompts
+    from peftrun.methods.common.wrapper import WrapperLayer
+
+    model, tokenizer = tiny_model("tiny")
+    adapters = attach(model, "tiny", method, names=("a", "b"))
+    batch = encode_prompts(PROMPTS, tokenizer, 64)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    calls, allowed = [], {"update first": True}
+    frozen_into, update_first = WrapperLayer.frozen_into, WrapperLayer.update_first
+    monkeypatch.setattr(WrapperLayer, "frozen_into",
+                        lambda self, u, x: calls.append(u.dim()) or frozen_into(self, u, x))
+    monkeypatch.setattr(WrapperLayer, "update_first",
+                        lambda self, x: allowed["update first"] and update_first(self, x))
+
+    def logits(names, first: bool, grad: bool = False) -> torch.Tensor:
+        allowed["update first"] = first
+        calls.clear()
+        with torch.set_grad_enabled(grad), adapters["a"].routing(names):
+            return model(**inputs).logits.detach()
+
+    layers = len(adapters["a"].layers)
+    for names, update_dim in ((["b"] * len(PROMPTS), 2), (["a", "b", None, "b", "a", None], 3)):
+        first = logits(names, first=True)
+        assert calls == [update_dim] * layers  # every adapted linear took the update-first path
+        torch.testing.assert_close(first, logits(names, first=False), rtol=1e-5, atol=1e-5)
+        assert not calls
+    logits(["b"] * len(PROMPTS), first=True, grad=True)
+    assert not calls, "with gradients on, the update is added to the frozen output"
+
+    layer = next(iter(adapters["a"].layers.values()))
+    layer.base_layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features), requires_grad=False)
+    with torch.no_grad():
+        assert not layer.update_first(torch.zeros(1, layer.in_features))

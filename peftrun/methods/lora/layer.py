@@ -7,7 +7,9 @@ and one fused product-and-add into the frozen output (common/wrapper.py's add_lo
 adds a 0/1 gate per rank: only the open ranks are computed (gates are 0 or 1, so the result is
 the gated one). A mixed-tenant batch gathers each row's A and s B once per batch and applies them
 with two batched products (the first shared by the input group), the second adding into the
-output: the cost does not grow with the number of tenants."""
+output: the cost does not grow with the number of tenants. Where nothing is recorded for
+autograd and the frozen layer is a plain linear, the update comes first and the frozen product
+is accumulated into it (common/wrapper.py's frozen_into)."""
 
 from __future__ import annotations
 
@@ -112,15 +114,25 @@ class LoraLinear(WrapperLayer):
             return False
         return not (self.training and isinstance(self.lora_dropout[name], nn.Dropout))
 
+    def low_rank_product(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A x as (r, tokens), s B) of adapter `name` on its open ranks, the rank product shared
+        with the input group where it may be."""
+        if self.input_group is not None and self.shares_input(name):
+            return self.input_group.product(self, x, name)
+        A, B = self.factors(name)
+        return rank_product(A, self.lora_dropout[name](x)), B
+
     def add_update(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         if self.ablation_gate is not None:
             return self._add_ablations(out, x, name)
-        if self.input_group is not None and self.shares_input(name):
-            hT, B = self.input_group.product(self, x, name)
-        else:
-            A, B = self.factors(name)
-            hT = rank_product(A, self.lora_dropout[name](x))
+        hT, B = self.low_rank_product(x, name)
         return add_low_rank(out, hT, B.t().contiguous(), self.fresh_output(out))
+
+    def update(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        if self.ablation_gate is not None or self.lora_A[name].dtype != x.dtype:
+            return None
+        hT, B = self.low_rank_product(x, name)
+        return hT.t() @ B.t()
 
     def _add_ablations(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """ALoRA's scoring: the batch is K stacked copies, copy k gated by `ablation_gate` row k
@@ -139,19 +151,28 @@ class LoraLinear(WrapperLayer):
         the single-adapter path), then added through s_i B_i, as batched products over rows
         (inference only: dropout off, no gradient to the adapters). The rank product is kept as
         (r, tokens) per row: on CPUs about twice as fast as (tokens, r)."""
-        rows = self.route.rows
-        rows.check_batch(x.shape[0])
-        if self.input_group is not None:
-            hT, Bt = self.input_group.product_per_request(self, x, rows)
-        else:
-            A, Bt = self.routed_factors(rows, x.device)
-            hT = per_row_product(A, x)  # (batch, r, tokens)
+        hT, Bt = self.per_request_product(x)
         out3d = out.reshape(x.shape[0], -1, self.out_features)
         if out.dtype == Bt.dtype:
             # in place where nothing records it (generation): the frozen layer's fresh output
             add = torch.baddbmm if out.requires_grad else torch.Tensor.baddbmm_
             return add(out3d, hT.mT, Bt).view(out.shape)
         return (out3d + torch.bmm(hT.mT, Bt).to(out.dtype)).view(out.shape)
+
+    def per_request_update(self, x: torch.Tensor) -> torch.Tensor | None:
+        if any(A.dtype != x.dtype for A in self.lora_A.values()):
+            return None
+        hT, Bt = self.per_request_product(x)
+        return torch.bmm(hT.mT, Bt)
+
+    def per_request_product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A_i x_i as (batch, r, tokens) and (s_i B_i)^T as (batch, r, out)."""
+        rows = self.route.rows
+        rows.check_batch(x.shape[0])
+        if self.input_group is not None:
+            return self.input_group.product_per_request(self, x, rows)
+        A, Bt = self.routed_factors(rows, x.device)
+        return per_row_product(A, x), Bt
 
     def routed_factors(self, rows: RequestRows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A (batch, r, in) and (s B)^T (batch, r, out), gathered at the batch's first forward."""
