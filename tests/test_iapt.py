@@ -197,7 +197,10 @@ def test_training_in_one_attention_call_equals_the_joint_attention(gate, monkeyp
     assert grads.keys() == joint_grads.keys() and any(n.endswith(".gate") for n in grads) == (gate == "per_head")
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, f"{name}: a zero gradient proves nothing"
-        torch.testing.assert_close(grad, joint_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 rounding of two orders of summation, measured against the gradient's own scale:
+        # a fixed atol of 1e-6 failed on one element of 1,024 on some CPUs (1.4e-6 off, scale 1.1)
+        atol = 1e-5 * joint_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, joint_grads[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def reference_attention(query, key, value, mask, causal, scale):
