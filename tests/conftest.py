@@ -54,6 +54,14 @@ def toy_batch(tokenizer, n: int = 8):
     return collate_train(features, tokenizer.pad_token_id)
 
 
+def assert_close_in_fp32(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+    """`actual` equals `expected` up to float32 rounding of another order of summation: within
+    1e-4 relatively and 1e-5 of `expected`'s largest magnitude (a fixed atol, such as 1e-6 on
+    gradients of scale 1, fails on near-zero elements on some CPUs and not on others)."""
+    atol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=msg)
+
+
 def untrained_exact_match(cfg) -> float:
     """Test exact match of `cfg`'s backbone with no adapter: the floor a method must beat."""
     from peftrun.generate import generate

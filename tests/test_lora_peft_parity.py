@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config, tiny_model, toy_batch
+from conftest import assert_close_in_fp32, compose_config, tiny_model, toy_batch
 from peftrun.export import export_peft, merge_into_backbone
 from peftrun.methods.lora import LoraLinear, LoraMethod
 
@@ -193,7 +193,7 @@ def test_loss_and_gradients_match_peft(case):
         for ours_p, theirs in ((layer.lora_A[adapter.name], layers[name].lora_A["default"].weight),
                                (layer.lora_B[adapter.name], layers[name].lora_B["default"].weight)):
             assert ours_p.grad.abs().sum() > 0
-            torch.testing.assert_close(ours_p.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+            assert_close_in_fp32(ours_p.grad, theirs.grad, msg=name)
 
 
 def test_layers_reading_one_input_share_one_rank_product(monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import compose_config, tiny_model, toy_batch
+from conftest import assert_close_in_fp32, compose_config, tiny_model, toy_batch
 from peftrun.methods import build_method, load_adapter, save_adapter
 from peftrun.loss import keeps_logits, labelled_loss_sum, token_loss_sum
 
@@ -158,7 +158,7 @@ def test_labelled_logits_loss_equals_full_logits_loss(case):
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)
     assert kept_grads.keys() == full_grads.keys()
     for name, grad in full_grads.items():
-        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_in_fp32(kept_grads[name], grad, msg=name)
 
 
 def test_save_load_round_trip(case, tmp_path):
