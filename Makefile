@@ -1,7 +1,8 @@
 # make run  : create .venv, install, train the embedded default (tiny model, toy task, LoRA)
 # make test : create .venv, install, run the tests (one pytest-xdist worker per core, up to 8)
 # make bench: training cost per method (vs the backbone and PEFT's LoRA), ALoRA's scoring cost,
-#             multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA), and
+#             multi-tenant generation (vs the bare backbone and PEFT's mixed-batch LoRA; a small Llama
+#             and SmolLM2-135M, its converted weights when `make smollm2` has run), and
 #             training tokens/s with packing and length grouping (vs padded micro-batches)
 # make bench-quality: every method at matched budgets on the synthetic tasks (pretrains the
 #                     small backbone first when models/tiny_pretrained is missing; 37 to 57 min on 2 cores,
@@ -40,6 +41,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_alora.py
 	$(BIN)/python scripts/bench_multitenant.py
+	$(BIN)/python scripts/bench_multitenant.py --smollm2 --tenants 1 8 --prompts 128 --new-tokens 32 --repeats 5
 	$(BIN)/python scripts/bench_packing.py
 
 bench-gpu: $(VENV)/.installed

@@ -13,11 +13,16 @@ after a run of the bare backbone, and a configuration's "x bare" is the median o
 that paired run, so a change of machine load hits both sides alike. One thread by default: on a
 shared 2-core machine, two threads waiting on each other make the timings swing far more.
 
-The table goes into docs/benchmarks.md too (section `multitenant`, and the machine's at the top;
-`--no-doc` leaves the page alone, `--doc PATH` writes another copy).
+`--smollm2` measures on SmolLM2-135M instead (its converted weights when models/smollm2_135m is
+there, `make smollm2`; its shape randomly initialised when not), the shape of a model people serve.
+
+The table goes into docs/benchmarks.md too (section `multitenant`, `multitenant-smollm2` with
+`--smollm2`, and the machine's at the top; `--no-doc` leaves the page alone, `--doc PATH` writes
+another copy).
 
     python scripts/bench_multitenant.py          # writes bench/multitenant.md and bench/multitenant.png
     python scripts/bench_multitenant.py --hidden 1024 --layers 16 --tenants 1 8 --prompts 128
+    python scripts/bench_multitenant.py --smollm2 --tenants 1 8 --prompts 128
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmarks_doc  # noqa: E402  (beside this script)
-from bench_train import bar_chart, compose, machine, model_overrides  # noqa: E402
+from bench_train import bar_chart, compose, machine, small_model, smollm2_description, smollm2_model  # noqa: E402
 
 # The sections of docs/benchmarks.md this script writes (tests/test_benchmarks_doc.py checks the page has them).
-DOC_SECTIONS = ("multitenant",)
+DOC_SECTIONS = ("multitenant", "multitenant-smollm2")
 
 # label -> method overrides (None: the bare backbone; "peft": Hugging Face PEFT's LoRA r=8)
 METHODS = {
@@ -71,13 +76,13 @@ def build(label: str, args):
     """(model, router or None, tokenizer) with `args.max_tenants` adapters of the method."""
     from peftrun.multitenant import Router
     from peftrun.methods import build_method
-    from peftrun.models import build_model, load_tokenizer
 
     spec = METHODS[label]
-    seq = SimpleNamespace(hidden=args.hidden, layers=args.layers, seq=max(args.prompts) + args.new_tokens)
-    cfg = compose(model_overrides(seq) + (list(spec) if isinstance(spec, tuple) else []))
-    tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer)
+    if args.smollm2:
+        model, tokenizer, _ = smollm2_model()
+    else:
+        model, tokenizer, _ = small_model(SimpleNamespace(hidden=args.hidden, layers=args.layers,
+                                                          seq=max(args.prompts) + args.new_tokens))
     names = [f"t{i}" for i in range(args.max_tenants)]
     torch.manual_seed(0)
     if spec is None:
@@ -90,9 +95,9 @@ def build(label: str, args):
         for name in names[1:]:
             model.add_adapter(name, config)
         return model.eval(), None, tokenizer
-    adapters = []
+    method_cfg, adapters = compose(list(spec)).method, []
     for name in names:
-        adapter = build_method(cfg.method).attach(model, adapter_name=name)
+        adapter = build_method(method_cfg).attach(model, adapter_name=name)
         with torch.no_grad():  # trained-like: off the init (IAPT's gates open)
             for pname, p in adapter.trainable_parameters():
                 p.copy_(torch.ones_like(p)) if pname.endswith(".gate") else p.add_(torch.randn_like(p) * 0.02)
@@ -137,9 +142,12 @@ def main() -> None:
     parser.add_argument("--doc", default=str(benchmarks_doc.DOC), help="the page to write the table into "
                         "(default: %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="leave the page alone (quick experiments)")
+    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M, not the small Llama of --hidden "
+                        "and --layers (its weights from models/smollm2_135m when there)")
     args = parser.parse_args()
     doc = None if args.no_doc else Path(args.doc)
-    benchmarks_doc.preflight("bench_multitenant.py", DOC_SECTIONS, doc)
+    section = "multitenant-smollm2" if args.smollm2 else "multitenant"
+    benchmarks_doc.preflight("bench_multitenant.py", [section], doc)
     args.max_tenants = max(args.tenants)
     args.methods = ["backbone"] + [m for m in args.methods if m != "backbone"]
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from the libraries
@@ -183,8 +191,8 @@ def main() -> None:
         rows.append({"label": label, "tenants": n, "prompt": prompt_len, "ttft": ttft, "decode": decode,
                      "ttft_x": ttft_x, "x_bare": decode_x})
     # The run's setting: on stdout with the machine, on the page without (it names the machine once, at the top).
-    head = (f"Multi-tenant generation, random-init Llama hidden {args.hidden}, {args.layers} layers, batch "
-            f"{args.batch}, {args.new_tokens} new tokens (greedy), fp32, ")
+    built = smollm2_description() if args.smollm2 else f"random-init Llama hidden {args.hidden}, {args.layers} layers"
+    head = f"Multi-tenant generation, {built}, batch {args.batch}, {args.new_tokens} new tokens (greedy), fp32, "
     tail = (f"{torch.get_num_threads()} torch thread(s); load average {load_before:.1f} before, {load_after:.1f} "
             f"after; {args.max_tenants} adapters attached per method; medians of {args.repeats} runs "
             f"({args.long_repeats} for prompts over 256 tokens) after a warm-up round, x bare: median of the ratios "
@@ -201,16 +209,18 @@ def main() -> None:
                      f"{r['decode']:.0f} | {r['x_bare']:.2f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "multitenant.md").write_text("\n".join(lines) + "\n")
+    (out / f"{section}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     shown = [r for r in sorted(rows, key=lambda r: (r["prompt"], args.methods.index(r["label"]), r["tenants"]))
              if r["label"] != "backbone"]
-    bar_chart(out / "multitenant.png", [f"{r['label']}, {r['tenants']} ten., {r['prompt']} tok" for r in shown],
+    bar_chart(out / f"{section}.png", [f"{r['label']}, {r['tenants']} ten., {r['prompt']} tok" for r in shown],
               [r["x_bare"] for r in shown], "decode tokens/s / the bare backbone's (same prompt length)",
               ["#999" if r["label"].startswith("peft") else "#3b7" for r in shown])
     # The page names the machine once, at the top: here the setting and the table only.
-    benchmarks_doc.publish("bench_multitenant.py", {"multitenant": "\n".join([head + tail, *lines[1:]])},
+    body = "\n".join([head + tail, *lines[1:]])
+    benchmarks_doc.publish("bench_multitenant.py", {"multitenant": None if args.smollm2 else body,
+                                                    "multitenant-smollm2": body if args.smollm2 else None},
                            doc, DOC_SECTIONS)
 
 

@@ -79,7 +79,7 @@ def smollm2_model():
     if (SMOLLM2_FOLDER / "config.json").exists():
         cfg = compose(["model=smollm2_135m", f"model.name_or_path={SMOLLM2_FOLDER}"])
         tokenizer = load_tokenizer(cfg.model)
-        return build_model(cfg.model, tokenizer), tokenizer, "SmolLM2-135M (its converted weights)"
+        return build_model(cfg.model, tokenizer), tokenizer, smollm2_description()
     config = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=2048,
                          tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
@@ -88,7 +88,14 @@ def smollm2_model():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     tokenizer = offline_tokenizer()
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, "SmolLM2-135M's shape, randomly initialised (no models/smollm2_135m)"
+    return model, tokenizer, smollm2_description()
+
+
+def smollm2_description() -> str:
+    """What `smollm2_model` builds on this machine."""
+    if (SMOLLM2_FOLDER / "config.json").exists():
+        return "SmolLM2-135M (its converted weights)"
+    return "SmolLM2-135M's shape, randomly initialised (no models/smollm2_135m)"
 
 
 def compose(overrides):

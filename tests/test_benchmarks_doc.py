@@ -334,18 +334,23 @@ def test_bench_train_writes_its_tables(copy, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench" / "train.md").read_text() == out
 
 
-def test_bench_multitenant_writes_its_table(copy, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("smollm2", [False, True])
+def test_bench_multitenant_writes_its_table(smollm2, copy, tmp_path, monkeypatch, capsys):
     bench = script_module("bench_multitenant")
     monkeypatch.setattr(bench, "build", lambda label, args: (None, None, list(range(100))))
     monkeypatch.setattr(bench, "run_once", lambda *a: (0.05, 100.0))
     monkeypatch.setattr(bench, "bar_chart", lambda *a, **k: None)
     argv = ["--tenants", "1", "2", "--prompts", "16", "--repeats", "1", "--threads", "0",
-            "--methods", "lora r=8", "--out", str(tmp_path / "bench"), "--doc", str(copy)]
+            "--methods", "lora r=8", "--out", str(tmp_path / "bench"), "--doc", str(copy)] + ["--smollm2"] * smollm2
     monkeypatch.setattr(sys, "argv", [str(SCRIPTS / "bench_multitenant.py"), *argv])
     bench.main()
     out = capsys.readouterr().out
-    after = check_written(copy, ["multitenant"], shlex.join(["python", "scripts/bench_multitenant.py", *argv]), out)
-    assert "| lora r=8 | 2 | 16 | 50 | 1.00 | 100 | 1.00 |" in after["multitenant"]
+    section = "multitenant-smollm2" if smollm2 else "multitenant"
+    after = check_written(copy, [section], shlex.join(["python", "scripts/bench_multitenant.py", *argv]), out)
+    assert "| lora r=8 | 2 | 16 | 50 | 1.00 | 100 | 1.00 |" in after[section]
+    built = "SmolLM2-135M" if smollm2 else "random-init Llama hidden 512, 8 layers"
+    assert f"Multi-tenant generation, {built}" in after[section]
+    assert (tmp_path / "bench" / f"{section}.md").read_text() == out
 
 
 def fake_curve(final: float, seconds: float) -> list[dict]:
