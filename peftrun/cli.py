@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -347,10 +348,26 @@ def main() -> None:
         precheck(sys.argv[1:])
         run()
     except KeyboardInterrupt:  # outside the steps, or a second Ctrl-C: no traceback
+        signal.signal(signal.SIGINT, exit_interrupted)
         print("peftrun: interrupted (Ctrl-C); run the same command again to resume from the newest "
               "checkpoint, if any", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        # The run is over (finished, stopped or aborted), its files written: a Ctrl-C from here
+        # on, while the interpreter shuts down, ends the process at once instead of raising
+        # KeyboardInterrupt inside some library's exit hook, which prints its traceback.
+        signal.signal(signal.SIGINT, exit_interrupted)
     check_sweep()
+
+
+def exit_interrupted(signum, frame) -> None:
+    """SIGINT handler once the run is over: exit 130 now, after flushing what was printed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a write the signal cut short: flushing it again may refuse
+            pass
+    os._exit(EXIT_INTERRUPTED)
 
 
 def check_sweep() -> None:

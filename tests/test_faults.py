@@ -164,6 +164,28 @@ def test_ctrl_c_in_a_real_run_one_line_130_then_a_second_aborts(tmp_path):
     assert checkpoint_dirs(run_dir) == []
 
 
+def test_ctrl_c_after_the_run_exits_130_without_a_traceback():
+    """A Ctrl-C that lands once the run is over, as the interpreter shuts down (a quick first
+    Ctrl-C's stop done, a second one late), ends the process at once: 130, no traceback from the
+    exit hooks still to run."""
+    script = """if True:
+        import atexit, os, signal, sys, time
+        from peftrun import cli
+        atexit.register(print, "exit hooks ran")  # the libraries' hooks run after main, like this one
+        sys.argv = ["peftrun", "method=no_such_method"]
+        try:
+            cli.main()
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    """
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and "exit hooks ran" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("peftrun: error:"), proc.stderr  # the run's own line
+
+
 # ============================================================================ non-finite
 def poisoned_loss(monkeypatch, at_steps: set[int]):
     """The training loss of the given steps (1-based) turns NaN."""
