@@ -147,10 +147,11 @@ def test_ctrl_c_in_a_real_run_one_line_130_then_a_second_aborts(tmp_path):
     saved = checkpoint_dirs(run_dir)
     assert len(saved) == 1 and not (run_dir / "adapter").exists()
 
-    # Two Ctrl-C, the second while the step is still being finished (a step of 16 micro-batches
-    # here), abort at once: one line, no traceback, no checkpoint.
+    # Two Ctrl-C, the second while the step is still being finished, abort at once: one line, no
+    # traceback, no checkpoint. The step (256 micro-batches) takes about 1 s on a fast CPU, and
+    # the signals go 50 ms apart right after a step ends: the second cannot miss the step.
     run_dir = tmp_path / "aborted"
-    args = [*args[:-1], "trainer.grad_accum=16", f"hydra.run.dir={run_dir}"]
+    args = [*args[:-1], "task.num_train=2048", "trainer.grad_accum=256", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(run_dir, proc, 2)
     proc.send_signal(signal.SIGINT)
